@@ -1,0 +1,1 @@
+"""Experiment configs (ml-collections). Importable so configs can share helpers."""

@@ -1,0 +1,1 @@
+"""UniRES++ in JAX/Flax: multi-granularity referring expression segmentation."""

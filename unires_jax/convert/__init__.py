@@ -1,0 +1,1 @@
+"""Checkpoint conversion between unires_jax and PyTorch/transformers."""

@@ -1,0 +1,1 @@
+"""Metrics, evaluators, predictions files and inference."""
