@@ -1,0 +1,97 @@
+"""Shared config builders: model sizes, mesh and sharding rules. Experiment files in configs/ compose them.
+
+Sizes: `tiny` (seconds on CPU; tests and the toy run), `small` (≈100M, CPU benchmarks), `1b` (GPU benchmark),
+`7b` (the paper: CLIP ViT-L/14-336, CLIP ConvNeXt-L, a 7B LLaMA/Vicuna decoder, SAM-sized mask decoder).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from unires_jax import sharding
+
+MODEL_SIZES = ("tiny", "small", "1b", "7b")
+
+
+def _vit(image_size, patch_size, width, depth, num_heads, mlp_dim, select_layer=-2):
+  return dict(image_size=image_size, patch_size=patch_size, width=width, depth=depth, num_heads=num_heads,
+              mlp_dim=mlp_dim, select_layer=select_layer, layer_norm_eps=1e-5)
+
+
+def _convnext(image_size, depths, dims):
+  return dict(image_size=image_size, depths=list(depths), dims=list(dims), layer_norm_eps=1e-6,
+              layer_scale_init=1e-6)
+
+
+def _llm(vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, mlp_dim, max_seq_len, tie_embeddings=False):
+  return dict(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+              num_kv_heads=num_kv_heads, head_dim=hidden_size // num_heads, mlp_dim=mlp_dim,
+              rope_theta=10000.0, rms_norm_eps=1e-5, tie_embeddings=tie_embeddings, max_seq_len=max_seq_len,
+              scan_layers=True, remat_policy="nothing_saveable")
+
+
+def _mask_decoder(dim, depth, num_heads, mlp_dim):
+  return dict(transformer_dim=dim, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim, attention_downsample_rate=2,
+              num_multimask_outputs=3, iou_head_depth=3, iou_head_hidden_dim=dim, layer_norm_eps=1e-6)
+
+
+def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
+  """The model section for one of MODEL_SIZES."""
+  if size == "tiny":
+    vit = _vit(image_size=56, patch_size=14, width=32, depth=2, num_heads=4, mlp_dim=64)
+    convnext = _convnext(image_size=128, depths=(1, 1, 1, 1), dims=(16, 32, 64, 128))
+    llm = _llm(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128,
+               max_seq_len=128)
+    mask_decoder = _mask_decoder(dim=32, depth=2, num_heads=4, mlp_dim=64)
+    flow = dict(max_object_boxes=4, max_part_boxes=8, roi_output_size=4, sampling_ratio=2, roi_feature_stage=2)
+    dense_feature_stage = 1  # stride 8: a 16×16 grid at 128 px, masks at 64×64
+  elif size == "small":
+    vit = _vit(image_size=224, patch_size=14, width=384, depth=6, num_heads=6, mlp_dim=1536)
+    convnext = _convnext(image_size=512, depths=(2, 2, 6, 2), dims=(64, 128, 256, 512))
+    llm = _llm(vocab_size=32000, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, mlp_dim=1536,
+               max_seq_len=512)
+    mask_decoder = _mask_decoder(dim=128, depth=2, num_heads=4, mlp_dim=512)
+    flow = dict(max_object_boxes=16, max_part_boxes=32, roi_output_size=7, sampling_ratio=2, roi_feature_stage=2)
+    dense_feature_stage = 2
+  elif size == "1b":
+    vit = _vit(image_size=336, patch_size=14, width=768, depth=12, num_heads=12, mlp_dim=3072)
+    convnext = _convnext(image_size=768, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768))
+    llm = _llm(vocab_size=32000, hidden_size=2048, num_layers=20, num_heads=16, num_kv_heads=8, mlp_dim=5632,
+               max_seq_len=1024)
+    mask_decoder = _mask_decoder(dim=256, depth=2, num_heads=8, mlp_dim=2048)
+    flow = dict(max_object_boxes=32, max_part_boxes=64, roi_output_size=7, sampling_ratio=2, roi_feature_stage=2)
+    dense_feature_stage = 2
+  elif size == "7b":
+    vit = _vit(image_size=336, patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096)
+    convnext = _convnext(image_size=1024, depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536))
+    llm = _llm(vocab_size=32064, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, mlp_dim=11008,
+               max_seq_len=2048)
+    mask_decoder = _mask_decoder(dim=256, depth=2, num_heads=8, mlp_dim=2048)
+    flow = dict(max_object_boxes=32, max_part_boxes=64, roi_output_size=7, sampling_ratio=2, roi_feature_stage=2)
+    dense_feature_stage = 2
+  else:
+    raise ValueError(f"unknown model size {size!r}; expected one of {MODEL_SIZES}")
+
+  return ml_collections.ConfigDict(dict(
+      size=size,
+      dtype="float32",        # compute dtype ("bfloat16" on accelerators)
+      param_dtype="float32",  # master weights
+      vit=vit,
+      convnext=convnext,
+      vision_flow=flow,
+      llm=llm,
+      mask_decoder=mask_decoder,
+      # Where the mask decoder's dense image features come from: "convnext" (default) or "sam_vit".
+      dense_source="convnext",
+      dense_feature_stage=dense_feature_stage,
+      sam_vit=dict(image_size=1024, patch_size=16, width=1280, depth=32, num_heads=16, mlp_dim=5120,
+                   window_size=14, global_attn_indexes=[7, 15, 23, 31], out_channels=256),
+  ))
+
+
+def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+
+
+def sharding_rules() -> list:
+  return [list(rule) for rule in sharding.DEFAULT_RULES]
