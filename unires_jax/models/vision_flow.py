@@ -1,0 +1,114 @@
+"""Multi-granularity vision flow (MGVF): image, object and part tokens for the LLM.
+
+Image tokens come from the low-res CLIP ViT; object and part tokens are ROI-Aligned from one stage of the
+high-res ConvNeXt features at the given boxes. Each group has its own two-layer GELU projector into the LLM
+width and a learned granularity embedding, so the LLM can tell the groups apart beyond their marker tokens.
+
+[interpretation] A region token is the average of its ROI-Aligned `roi_output_size²` grid concatenated with the
+box's normalised coordinates `(x0, y0, x1, y1, w, h) / S_h`, so position ("the left one") survives pooling.
+Padded boxes (mask False) give zero tokens; their slots are also masked out of attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+from einops import reduce
+
+from unires_jax.models.roi_align import roi_align
+
+GRANULARITIES = ("image", "object", "part")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionFlowConfig:
+  max_object_boxes: int
+  max_part_boxes: int
+  roi_output_size: int
+  sampling_ratio: int
+  roi_feature_stage: int
+
+  def __post_init__(self):
+    for name in ("max_object_boxes", "max_part_boxes", "roi_output_size", "sampling_ratio"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"model.vision_flow.{name} must be positive, got {getattr(self, name)}")
+    if not 0 <= self.roi_feature_stage <= 3:
+      raise ValueError(f"model.vision_flow.roi_feature_stage must be a ConvNeXt stage 0..3, "
+                       f"got {self.roi_feature_stage}")
+
+
+def _dense(features: int, names: tuple[str, str], dtype, param_dtype, name: str) -> nn.Dense:
+  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
+                  kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (names[1],)))
+
+
+class Projector(nn.Module):
+  """Two-layer GELU MLP into the LLM width (LLaVA-1.5's mlp2x_gelu)."""
+  out_features: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = _dense(self.out_features, ("embed", "mlp"), self.dtype, self.param_dtype, "fc1")(x)
+    x = nn.gelu(x, approximate=False)
+    return _dense(self.out_features, ("mlp", "embed"), self.dtype, self.param_dtype, "fc2")(x)
+
+
+class MultiGranularityVisionFlow(nn.Module):
+  config: VisionFlowConfig
+  llm_width: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def region_tokens(self, features, boxes, box_mask, canvas_size: int, max_boxes: int, what: str):
+    """ROI-pool `boxes` [B, N, 4] from `features` [B, h, w, C] → [B, N, C + 6]."""
+    if boxes.shape[1] > max_boxes:
+      raise ValueError(f"{what} boxes: got {boxes.shape[1]} per image, the configured maximum is {max_boxes} "
+                       f"(model.vision_flow.max_{what}_boxes)")
+    if boxes.shape[1] < max_boxes:
+      raise ValueError(f"{what} boxes: got {boxes.shape[1]} per image; batches are padded to exactly "
+                       f"{max_boxes} (model.vision_flow.max_{what}_boxes) with a box mask")
+    spatial_scale = features.shape[2] / canvas_size
+    pooled = roi_align(features, boxes, output_size=self.config.roi_output_size, spatial_scale=spatial_scale,
+                       sampling_ratio=self.config.sampling_ratio, aligned=True)  # [B, N, o, o, C]
+    pooled = reduce(pooled, "b n oh ow c -> b n c", "mean")
+    x0, y0, x1, y1 = jnp.moveaxis(boxes / canvas_size, -1, 0)
+    geometry = jnp.stack([x0, y0, x1, y1, x1 - x0, y1 - y0], axis=-1)  # [B, N, 6]
+    tokens = jnp.concatenate([pooled.astype(self.dtype), geometry.astype(self.dtype)], axis=-1)
+    return tokens * box_mask[..., None].astype(self.dtype)
+
+  @nn.compact
+  def __call__(self, image_features, high_res_features: Sequence[jnp.ndarray], object_boxes, object_box_mask,
+               part_boxes, part_box_mask, canvas_size: int) -> dict[str, jnp.ndarray]:
+    """image_features [B, Ni, Dv]; high_res_features: ConvNeXt stages [B, h, w, C]; boxes on the S_h canvas.
+
+    Returns {'image': [B, Ni, D], 'object': [B, No, D], 'part': [B, Np, D]}.
+    """
+    cfg = self.config
+    stage_features = high_res_features[cfg.roi_feature_stage]
+    granularity_embedding = self.param(
+        "granularity_embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+        (len(GRANULARITIES), self.llm_width), self.param_dtype).astype(self.dtype)
+
+    tokens = {
+        "image": image_features.astype(self.dtype),
+        "object": self.region_tokens(stage_features, object_boxes, object_box_mask, canvas_size,
+                                     cfg.max_object_boxes, "object"),
+        "part": self.region_tokens(stage_features, part_boxes, part_box_mask, canvas_size,
+                                   cfg.max_part_boxes, "part"),
+    }
+    masks = {"image": None, "object": object_box_mask, "part": part_box_mask}
+    out = {}
+    for index, name in enumerate(GRANULARITIES):
+      projected = Projector(self.llm_width, self.dtype, self.param_dtype, name=f"{name}_projector")(tokens[name])
+      projected = projected + granularity_embedding[index]
+      if masks[name] is not None:
+        projected = projected * masks[name][..., None].astype(self.dtype)
+      out[name] = nn.with_logical_constraint(projected, ("activation_batch", "activation_length", "activation_embed"))
+    return out

@@ -1,0 +1,82 @@
+"""The train state and its sharded creation: eval_shape → logical specs → shardings → jit(init, out_shardings).
+
+Nothing full-size is ever materialised on one device: the 7B config's state is built shard by shard, and its
+shapes and shardings can be inspected with no memory at all (`abstract_train_state`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from unires_jax import sharding
+from unires_jax.models.example_batch import example_batch
+from unires_jax.models.unires import UniRES, UniRESConfig
+from unires_jax.train import partition
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def build_model(model_cfg: Any) -> UniRES:
+  return UniRES(UniRESConfig.from_config(model_cfg))
+
+
+def batch_shardings(batch: dict, mesh: Mesh) -> dict:
+  """Every batch array split over ('data', 'fsdp') on its leading dimension."""
+  return {k: NamedSharding(mesh, P(sharding.BATCH_AXES, *([None] * (np.ndim(v) - 1)))) for k, v in batch.items()}
+
+
+def make_init_fn(model: UniRES, optimizer: optax.GradientTransformation | None, mask_fn: Callable[[Any], Any],
+                 batch: dict) -> Callable[[jax.Array], TrainState]:
+  """init(rng) → TrainState with logically-boxed leaves (unboxed by the caller after sharding is decided)."""
+  def init(rng):
+    params = model.init(rng, batch)["params"]
+    opt_state = None
+    if optimizer is not None:
+      trainable, _ = partition.split(params, mask_fn(params))
+      opt_state = optimizer.init(trainable)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+  return init
+
+
+def _unboxed_mask_fn(trainable, frozen):
+  def mask_fn(params):
+    return partition.trainable_mask(nn.meta.unbox(params), trainable, frozen)
+  return mask_fn
+
+
+def abstract_train_state(model: UniRES, batch: dict, optimizer=None, trainable=(".*",), frozen=()) -> TrainState:
+  """ShapeDtypeStructs of the (boxed) state, no memory allocated."""
+  init = make_init_fn(model, optimizer, _unboxed_mask_fn(trainable, frozen), batch)
+  return jax.eval_shape(init, jax.random.key(0))
+
+
+def create_sharded_state(model: UniRES, batch: dict, mesh: Mesh, rules, rng: jax.Array,
+                         optimizer: optax.GradientTransformation | None = None, trainable=(".*",),
+                         frozen=()) -> tuple[TrainState, Any]:
+  """(state, state_shardings): parameters and optimizer state created directly in their shardings."""
+  init = make_init_fn(model, optimizer, _unboxed_mask_fn(trainable, frozen), batch)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract = jax.eval_shape(init, rng)
+    state_shardings = sharding.logical_to_shardings(abstract, mesh, rules)
+    unboxed_init = lambda r: nn.meta.unbox(init(r))
+    state = jax.jit(unboxed_init, out_shardings=state_shardings)(rng)
+  return state, state_shardings
+
+
+def abstract_batch(model_cfg: Any, batch_size: int, seq_len: int | None = None) -> dict:
+  cfg = UniRESConfig.from_config(model_cfg)
+  batch = example_batch(cfg, 1, seq_len)
+  return {k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype) for k, v in batch.items()}
