@@ -1,0 +1,502 @@
+"""The Grain input pipeline: prepared splits → batches with exactly the keys, dtypes and shapes of docs/DESIGN.md.
+
+Train: per split `MapDataset.range(samples).shuffle(seed).repeat()`, mixed by weight (`MapDataset.mix`), then
+load + preprocess (a `random_map`, so template choice is deterministic per position), a per-process slice,
+`to_iter_dataset`, `batch(drop_remainder=True)` and optional `mp_prefetch`. Eval: one split in table order, padded to
+a whole number of global batches with rows marked `sample_index = -1`, so every process yields the same number of
+batches. The choices (box selection, too-long samples, the answer span) are documented in docs/data_pipeline.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import math
+import os
+from typing import Any, Sequence
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from PIL import Image
+
+from unires_jax import sharding
+from unires_jax.data import records as records_lib
+from unires_jax.data import tokenizer as tokenizer_lib
+from unires_jax.data import transforms
+
+log = logging.getLogger(__name__)
+
+# token_type values (DESIGN.md batch table).
+TEXT, IMAGE_SLOT, OBJECT_SLOT, PART_SLOT = 0, 1, 2, 3
+BOX_SOURCES = ("auto", "proposals", "annotations")
+TOO_LONG_POLICIES = ("error", "skip")
+# Private per-sample counters; the last stage of the pipeline (in the main process) sums and removes them.
+_COUNTER_KEYS = ("_dropped_object_boxes", "_dropped_part_boxes", "_too_long")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+  """One prepared split (a directory written by `records.write_split`) and its mixture weight."""
+  dir: str
+  weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """The `config.data` section (configs/data_common.py documents every key)."""
+  sources: tuple[SourceConfig, ...]
+  batch_size: int
+  max_text_len: int
+  instruction_templates: tuple[str, ...]
+  answer_templates: tuple[str, ...]
+  no_target_answer_templates: tuple[str, ...]
+  seed: int = 0
+  worker_count: int = 0
+  worker_buffer_size: int = 2
+  read_threads: int = 4
+  read_buffer_size: int = 64
+  box_source: str = "auto"
+  targets_first: bool = True
+  too_long: str = "error"
+  tokenizer_path: str = ""
+  toy_tokenizer_prefix: str = ""
+  toy_tokenizer_vocab_size: int = 512
+
+  def __post_init__(self):
+    object.__setattr__(self, "sources", tuple(
+        s if isinstance(s, SourceConfig) else SourceConfig(**dict(s)) for s in self.sources))
+    for name in ("instruction_templates", "answer_templates", "no_target_answer_templates"):
+      object.__setattr__(self, name, tuple(getattr(self, name)))
+    if self.box_source not in BOX_SOURCES:
+      raise ValueError(f"data.box_source {self.box_source!r}: expected one of {BOX_SOURCES}")
+    if self.too_long not in TOO_LONG_POLICIES:
+      raise ValueError(f"data.too_long {self.too_long!r}: expected one of {TOO_LONG_POLICIES}")
+    if any(s.weight <= 0 for s in self.sources):
+      raise ValueError(f"data.sources weights must be positive, got {[s.weight for s in self.sources]}")
+    if not (self.instruction_templates and self.answer_templates and self.no_target_answer_templates):
+      raise ValueError("data.instruction_templates, answer_templates and no_target_answer_templates must be "
+                       "non-empty lists")
+    for template in self.instruction_templates:
+      if "{phrase}" not in template:
+        raise ValueError(f"data.instruction_templates entry {template!r}: expected a '{{phrase}}' field")
+    for template in self.answer_templates:
+      if tokenizer_lib.SEG_TOKEN not in template:
+        raise ValueError(f"data.answer_templates entry {template!r}: a targeted answer must contain "
+                         f"{tokenizer_lib.SEG_TOKEN}")
+    for template in self.no_target_answer_templates:
+      if tokenizer_lib.SEG_TOKEN in template:
+        raise ValueError(f"data.no_target_answer_templates entry {template!r}: a no-target answer must not "
+                         f"contain {tokenizer_lib.SEG_TOKEN}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """The static shapes a batch has, from the model section of the config."""
+  image_size_low: int
+  image_size_high: int
+  num_image_slots: int
+  max_object_boxes: int
+  max_part_boxes: int
+  max_text_len: int
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> Layout:
+    vit, flow = config.model.vit, config.model.vision_flow
+    if vit.image_size % vit.patch_size:
+      raise ValueError(f"model.vit.image_size {vit.image_size} is not a multiple of patch_size {vit.patch_size}")
+    layout = cls(image_size_low=int(vit.image_size), image_size_high=int(config.model.convnext.image_size),
+                 num_image_slots=(vit.image_size // vit.patch_size) ** 2,
+                 max_object_boxes=int(flow.max_object_boxes), max_part_boxes=int(flow.max_part_boxes),
+                 max_text_len=int(config.data.max_text_len))
+    if layout.max_text_len > config.model.llm.max_seq_len:
+      raise ValueError(f"data.max_text_len {layout.max_text_len} exceeds model.llm.max_seq_len "
+                       f"{config.model.llm.max_seq_len}")
+    if layout.max_text_len <= layout.prefix_len:
+      raise ValueError(f"data.max_text_len {layout.max_text_len} leaves no room for text after the "
+                       f"{layout.prefix_len} visual prefix tokens")
+    return layout
+
+  @property
+  def prefix_len(self) -> int:
+    """`<s>` plus the three marked groups of visual slots."""
+    return 1 + (self.num_image_slots + 2) + (self.max_object_boxes + 2) + (self.max_part_boxes + 2)
+
+
+@dataclasses.dataclass
+class PipelineStats:
+  """Counts since the iterator was made (not restored with its state): samples, dropped boxes, too-long skips."""
+  samples: int = 0
+  dropped_object_boxes: int = 0
+  dropped_part_boxes: int = 0
+  too_long_samples: int = 0
+
+
+# ------------------------------------------------------------------------------------------------ the prompt
+
+
+def visual_prefix(tokenizer: tokenizer_lib.Tokenizer, layout: Layout) -> tuple[list[int], list[int]]:
+  """`<s> <im_start> <image>×Ni <im_end> <obj_start> <obj>×No <obj_end> <part_start> <part>×Np <part_end>`.
+
+  Returns (ids, token_type); the slot tokens carry types 1/2/3, the markers and `<s>` are text (0).
+  """
+  special = tokenizer.special_ids
+  ids, types = [tokenizer.bos_id], [TEXT]
+  groups = ((tokenizer_lib.IMAGE_START, tokenizer_lib.IMAGE_TOKEN, tokenizer_lib.IMAGE_END, layout.num_image_slots,
+             IMAGE_SLOT),
+            (tokenizer_lib.OBJECT_START, tokenizer_lib.OBJECT_TOKEN, tokenizer_lib.OBJECT_END,
+             layout.max_object_boxes, OBJECT_SLOT),
+            (tokenizer_lib.PART_START, tokenizer_lib.PART_TOKEN, tokenizer_lib.PART_END, layout.max_part_boxes,
+             PART_SLOT))
+  for start, slot, end, count, slot_type in groups:
+    ids += [special[start]] + [special[slot]] * count + [special[end]]
+    types += [TEXT] + [slot_type] * count + [TEXT]
+  return ids, types
+
+
+def prompt_ids(tokenizer: tokenizer_lib.Tokenizer, layout: Layout, instruction: str) -> tuple[list[int], list[int]]:
+  """The whole prompt up to and including `ASSISTANT:`: (ids, token_type). Inference generates from here."""
+  ids, types = visual_prefix(tokenizer, layout)
+  question = tokenizer.encode(f"USER: {instruction} ASSISTANT:")
+  return ids + question, types + [TEXT] * len(question)
+
+
+def _pack(tokenizer: tokenizer_lib.Tokenizer, length: int, ids: list[int], types: list[int],
+          answer_start: int) -> dict[str, np.ndarray]:
+  """Right-pads a sequence that fits into `length` and derives the shifted targets and the answer's loss mask."""
+  used = len(ids)
+  input_ids = np.full((length,), tokenizer.pad_id, np.int32)  # [L]
+  input_ids[:used] = ids
+  token_type = np.zeros((length,), np.int32)  # [L]
+  token_type[:used] = types
+  attention_mask = np.zeros((length,), bool)  # [L]
+  attention_mask[:used] = True
+  target_ids = np.full((length,), tokenizer.pad_id, np.int32)  # [L]
+  target_ids[:-1] = input_ids[1:]
+  loss_mask = np.zeros((length,), np.float32)  # [L]
+  loss_mask[answer_start - 1:used - 1] = 1.0  # the positions whose next token is in the answer span
+  seg_id = tokenizer.special_ids[tokenizer_lib.SEG_TOKEN]
+  seg_positions = np.flatnonzero(input_ids[answer_start:used] == seg_id)
+  seg_index = answer_start + int(seg_positions[0]) - 1 if seg_positions.size else 0
+  return dict(input_ids=input_ids, token_type=token_type, attention_mask=attention_mask, target_ids=target_ids,
+              loss_mask=loss_mask, seg_index=np.int32(seg_index))
+
+
+def encode_text(tokenizer: tokenizer_lib.Tokenizer, layout: Layout, instruction: str,
+                answer: str) -> dict[str, np.ndarray] | None:
+  """Token arrays of one sample, each [L]; None when prompt + answer + `</s>` exceed `max_text_len`.
+
+  The answer span is the answer's tokens and `</s>`; `loss_mask` is 1 at the positions that predict them.
+  """
+  ids, types = prompt_ids(tokenizer, layout, instruction)
+  answer_ids = tokenizer.encode(answer) + [tokenizer.eos_id]
+  if len(ids) + len(answer_ids) > layout.max_text_len:
+    return None
+  return _pack(tokenizer, layout.max_text_len, ids + answer_ids, types + [TEXT] * len(answer_ids), len(ids))
+
+
+def inert_text(tokenizer: tokenizer_lib.Tokenizer, layout: Layout, instruction: str) -> dict[str, np.ndarray]:
+  """A too-long sample's stand-in: its prompt cut to `max_text_len`, no answer, so no loss and no `[SEG]`."""
+  ids, types = prompt_ids(tokenizer, layout, instruction)
+  length = layout.max_text_len
+  text = _pack(tokenizer, length, ids[:length], types[:length], answer_start=length + 1)
+  text["loss_mask"][:] = 0.0
+  return text
+
+
+# ------------------------------------------------------------------------------------------------- boxes
+
+
+def box_area(boxes: np.ndarray) -> np.ndarray:
+  boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+  return np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+
+
+def box_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
+  """IoU [Na, Nb] of (x0, y0, x1, y1) boxes."""
+  a = np.asarray(boxes_a, np.float32).reshape(-1, 1, 4)
+  b = np.asarray(boxes_b, np.float32).reshape(1, -1, 4)
+  width = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+  height = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+  intersection = width * height
+  union = box_area(a.reshape(-1, 4))[:, None] + box_area(b.reshape(-1, 4))[None, :] - intersection
+  return np.where(union > 0, intersection / np.maximum(union, 1e-9), 0.0)
+
+
+def select_boxes(boxes: np.ndarray, is_target: np.ndarray, max_boxes: int) -> tuple[np.ndarray, int]:
+  """Keeps at most `max_boxes`: all boxes when they fit (in order); else targets first, then larger area first.
+
+  Ties keep the original order (stable sort). Returns (kept [K, 4], number dropped).
+  """
+  boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+  if len(boxes) <= max_boxes:
+    return boxes, 0
+  order = np.lexsort((-box_area(boxes), ~np.asarray(is_target, bool)))  # last key is primary
+  return boxes[order[:max_boxes]], len(boxes) - max_boxes
+
+
+def _granularity_boxes(record: dict, ref: dict, granularity: str, box_source: str,
+                       targets_first: bool) -> tuple[np.ndarray, np.ndarray]:
+  """Boxes of one granularity in original pixels [N, 4], and which of them belong to the referred targets [N]."""
+  annotations = [a for a in record["annotations"] if a["granularity"] == granularity]
+  referred = {int(a) for a in ref["ann_ids"]}
+  gt_boxes = np.asarray([a["bbox"] for a in annotations], np.float32).reshape(-1, 4)
+  gt_is_target = np.asarray([int(a["ann_id"]) in referred for a in annotations], bool)
+  proposals = np.asarray(record["proposals"][granularity], np.float32).reshape(-1, 4)
+  use_proposals = box_source == "proposals" or (box_source == "auto" and len(proposals) > 0)
+  if not use_proposals:
+    return gt_boxes, gt_is_target & targets_first
+  if not targets_first or not gt_is_target.any():
+    return proposals, np.zeros((len(proposals),), bool)
+  # A proposal stands for a referred target when it overlaps one of the target boxes with IoU >= 0.5.
+  return proposals, box_iou(proposals, gt_boxes[gt_is_target]).max(axis=1) >= 0.5
+
+
+def _canvas_boxes(boxes: np.ndarray, height: int, width: int, size: int, max_boxes: int) -> tuple[np.ndarray, np.ndarray]:
+  """Original-pixel boxes [K, 4] → padded canvas boxes [max, 4] and their mask [max]."""
+  clipped = np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
+  padded = np.zeros((max_boxes, 4), np.float32)
+  padded[:len(boxes)] = transforms.transform_boxes(clipped, height, width, size)
+  mask = np.zeros((max_boxes,), bool)
+  mask[:len(boxes)] = True
+  return padded, mask
+
+
+# ------------------------------------------------------------------------------------------- one sample
+
+
+def decode_image(record: dict) -> np.ndarray:
+  """uint8 [h, w, 3] from the record's encoded bytes; the size must match the record's height/width."""
+  where = f"{record['dataset']}/{record['image_id']} ({record['file_name']})"
+  try:
+    with Image.open(io.BytesIO(record["image_bytes"])) as image:
+      pixels = np.asarray(image.convert("RGB"), np.uint8)
+  except (OSError, ValueError) as error:
+    raise records_lib.RecordError(f"record {where}: image_bytes do not decode ({error})") from error
+  if pixels.shape[:2] != (record["height"], record["width"]):
+    raise records_lib.RecordError(f"record {where}: image decodes to {pixels.shape[:2]}, the record says "
+                                  f"{(record['height'], record['width'])}")
+  return pixels
+
+
+class SampleEncoder:
+  """Loads one sample of one split and turns it into a batch element. Picklable (workers reopen the files)."""
+
+  def __init__(self, split_dirs: Sequence[str], tokenizer_path: str, data: DataConfig, layout: Layout,
+               train: bool):
+    self.split_dirs = tuple(split_dirs)
+    self.tokenizer_path = tokenizer_path
+    self.data = data
+    self.layout = layout
+    self.train = train
+    self._sources: list[records_lib.SplitSource] | None = None
+    self._tokenizer: tokenizer_lib.Tokenizer | None = None
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_sources"] = state["_tokenizer"] = None
+    return state
+
+  @property
+  def tokenizer(self) -> tokenizer_lib.Tokenizer:
+    if self._tokenizer is None:
+      self._tokenizer = tokenizer_lib.Tokenizer(self.tokenizer_path)
+    return self._tokenizer
+
+  def source(self, split: int) -> records_lib.SplitSource:
+    if self._sources is None:
+      self._sources = [records_lib.SplitSource(d) for d in self.split_dirs]
+    return self._sources[split]
+
+  def __call__(self, element: tuple[int, int], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    split, sample_index = (int(v) for v in element)
+    padding = sample_index < 0  # eval padding rows repeat sample 0 under sample_index -1
+    sample = self.source(split).sample(0 if padding else sample_index)
+    record, ref = sample["record"], sample["ref"]
+    layout, data = self.layout, self.data
+    height, width = int(record["height"]), int(record["width"])
+
+    pixels = decode_image(record)
+    out = dict(image_low=transforms.preprocess_image(pixels, layout.image_size_low),    # [S_l, S_l, 3]
+               image_high=transforms.preprocess_image(pixels, layout.image_size_high))  # [S_h, S_h, 3]
+
+    targets_first = data.targets_first and self.train
+    dropped = {}
+    for granularity, max_boxes in (("object", layout.max_object_boxes), ("part", layout.max_part_boxes)):
+      boxes, is_target = _granularity_boxes(record, ref, granularity, data.box_source, targets_first)
+      kept, dropped[granularity] = select_boxes(boxes, is_target, max_boxes)
+      out[f"{granularity}_boxes"], out[f"{granularity}_box_mask"] = _canvas_boxes(
+          kept, height, width, layout.image_size_high, max_boxes)
+
+    has_target = bool(ref["ann_ids"])
+    pick = (lambda n: int(rng.integers(n))) if (self.train and rng is not None) else (lambda n: 0)
+    phrase = sample["sentence"]["sent"].strip()
+    instruction = data.instruction_templates[pick(len(data.instruction_templates))].format(phrase=phrase)
+    answers = data.answer_templates if has_target else data.no_target_answer_templates
+    answer = answers[pick(len(answers))].format(phrase=phrase)
+    text = encode_text(self.tokenizer, layout, instruction, answer)
+    too_long = text is None
+    if too_long:
+      ids = sample["ids"]
+      if data.too_long == "error":
+        raise ValueError(f"sample {sample_index} of {self.split_dirs[split]} (ref_id {ids['ref_id']}, sent_id "
+                         f"{ids['sent_id']}): prompt and answer need more than data.max_text_len = "
+                         f"{layout.max_text_len} tokens; raise max_text_len or set data.too_long='skip'")
+      # An inert sample (no loss, no mask), marked like eval padding and counted.
+      text = inert_text(self.tokenizer, layout, instruction)
+      has_target, padding = False, True
+    out.update(text)
+    visual_masks = {OBJECT_SLOT: out["object_box_mask"], PART_SLOT: out["part_box_mask"]}
+    for slot_type, box_mask in visual_masks.items():
+      slots = np.flatnonzero(out["token_type"] == slot_type)
+      out["attention_mask"][slots[:len(box_mask)]] &= box_mask
+
+    if has_target:
+      mask = records_lib.ground_truth_mask(record, ref)
+      out["gt_mask"] = transforms.resize_mask(mask, layout.image_size_high)  # [S_h, S_h]
+    else:
+      out["gt_mask"] = np.zeros((layout.image_size_high, layout.image_size_high), np.float32)
+    out["has_target"] = np.bool_(has_target)
+    out["sample_index"] = np.int32(-1 if padding else sample_index)
+    out["_dropped_object_boxes"] = np.int32(dropped["object"])
+    out["_dropped_part_boxes"] = np.int32(dropped["part"])
+    out["_too_long"] = np.int32(too_long)
+    return out
+
+
+class _CountAndStrip:
+  """Last stage, in the main process: adds the private counters to `stats` and removes them from the batch."""
+
+  def __init__(self, stats: PipelineStats | None):
+    self.stats = stats
+
+  def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    counters = {k: batch.pop(k) for k in _COUNTER_KEYS}
+    if self.stats is not None:
+      self.stats.samples += int(counters["_too_long"].shape[0])
+      self.stats.dropped_object_boxes += int(counters["_dropped_object_boxes"].sum())
+      self.stats.dropped_part_boxes += int(counters["_dropped_part_boxes"].sum())
+      self.stats.too_long_samples += int(counters["_too_long"].sum())
+    if counters["_too_long"].any() or counters["_dropped_object_boxes"].any() or counters["_dropped_part_boxes"].any():
+      log.debug("batch: %d too-long samples skipped, %d object / %d part boxes dropped",
+                counters["_too_long"].sum(), counters["_dropped_object_boxes"].sum(),
+                counters["_dropped_part_boxes"].sum())
+    return batch
+
+
+# ------------------------------------------------------------------------------------------------ iterators
+
+
+class _Tag:
+  """`sample_index → (split, sample_index)`; a class so the pipeline pickles into workers."""
+
+  def __init__(self, split: int):
+    self.split = split
+
+  def __call__(self, sample_index) -> tuple[int, int]:
+    return self.split, int(sample_index)
+
+
+def _process_slice(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  index = jax.process_index() if process_index is None else int(process_index)
+  count = jax.process_count() if process_count is None else int(process_count)
+  if not 0 <= index < count:
+    raise ValueError(f"process_index {index} must lie in [0, process_count = {count})")
+  return index, count
+
+
+def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size % process_count:
+    raise ValueError(f"data.batch_size {global_batch_size} does not divide over {process_count} processes")
+  return global_batch_size // process_count
+
+
+def _finish(dataset: grain.MapDataset, data: DataConfig, local_batch_size: int, drop_remainder: bool,
+            stats: PipelineStats | None) -> grain.DatasetIterator:
+  read_options = grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=data.read_buffer_size)
+  batched = dataset.to_iter_dataset(read_options).batch(local_batch_size, drop_remainder=drop_remainder)
+  if data.worker_count > 0:
+    batched = batched.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=data.worker_count, per_worker_buffer_size=data.worker_buffer_size))
+  return iter(batched.map(_CountAndStrip(stats)))
+
+
+def resolve_tokenizer(config: ml_collections.ConfigDict) -> str:
+  """The tokenizer model path: `data.tokenizer_path`, else the toy tokenizer (trained once from the sources'
+  sentences and the templates at `data.toy_tokenizer_prefix`, default `<first source>/toy_tokenizer`).
+  Checks that its ids fit `model.llm.vocab_size`."""
+  data = DataConfig(**config.data.to_dict())
+  path = data.tokenizer_path
+  if not path:
+    if not data.sources:
+      raise ValueError("data.tokenizer_path is empty and data.sources is empty: nothing to train the toy "
+                       "tokenizer on")
+    prefix = data.toy_tokenizer_prefix or os.path.join(data.sources[0].dir, "toy_tokenizer")
+    path = prefix + ".model"
+    if not os.path.exists(path):
+      sentences = [t.replace("{phrase}", "") for t in
+                   data.instruction_templates + data.answer_templates + data.no_target_answer_templates]
+      sentences += ["USER: ASSISTANT:"]
+      for source_config in data.sources:
+        source = records_lib.SplitSource(source_config.dir)
+        for record_index in range(source.num_records):
+          for ref in source.record(record_index)["refs"]:
+            sentences += [s["sent"] for s in ref["sentences"]]
+      # Trained under a private name, then renamed: processes that race here all write the same model.
+      temp_prefix = f"{prefix}.tmp-{os.getpid()}"
+      tokenizer_lib.train_toy_tokenizer(sentences, temp_prefix, data.toy_tokenizer_vocab_size)
+      os.replace(temp_prefix + ".model", path)
+      os.replace(temp_prefix + ".vocab", prefix + ".vocab")
+  tokenizer_lib.check_vocab_fits(tokenizer_lib.Tokenizer(path), int(config.model.llm.vocab_size))
+  return path
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, process_index: int | None = None,
+                        process_count: int | None = None,
+                        stats: PipelineStats | None = None) -> grain.DatasetIterator:
+  """Endless, shuffled, mixed training batches of this process (`data.batch_size / process_count` samples).
+
+  The iterator is checkpointable (`get_state()` / `set_state()`); `stats` (optional) accumulates counts.
+  """
+  data = DataConfig(**config.data.to_dict())
+  if not data.sources:
+    raise ValueError("data.sources is empty: expected at least one prepared split directory")
+  layout = Layout.from_config(config)
+  index, count = _process_slice(process_index, process_count)
+  encoder = SampleEncoder([s.dir for s in data.sources], resolve_tokenizer(config), data, layout, train=True)
+  splits = []
+  for k, source_config in enumerate(data.sources):
+    num_samples = len(encoder.source(k))
+    if num_samples == 0:
+      raise ValueError(f"prepared split {source_config.dir} has no samples")
+    splits.append(grain.MapDataset.range(num_samples).shuffle(seed=data.seed + k).repeat().map(_Tag(k)))
+  mixed = splits[0] if len(splits) == 1 else grain.MapDataset.mix(splits, [s.weight for s in data.sources])
+  dataset = mixed.random_map(encoder, seed=data.seed)[index::count]
+  return _finish(dataset, data, _local_batch_size(data.batch_size, count), drop_remainder=True, stats=stats)
+
+
+def make_eval_iterator(config: ml_collections.ConfigDict, split_dir: str, batch_size: int | None = None,
+                       process_index: int | None = None, process_count: int | None = None,
+                       stats: PipelineStats | None = None) -> grain.DatasetIterator:
+  """One pass over `split_dir` in sample-table order; the tail is padded to whole global batches
+  (`sample_index = -1`), so every process yields the same number of full batches."""
+  data = DataConfig(**config.data.to_dict())
+  layout = Layout.from_config(config)
+  index, count = _process_slice(process_index, process_count)
+  global_batch_size = data.batch_size if batch_size is None else int(batch_size)
+  encoder = SampleEncoder([split_dir], resolve_tokenizer(config), data, layout, train=False)
+  num_samples = len(encoder.source(0))
+  padded = math.ceil(num_samples / global_batch_size) * global_batch_size
+  rows = np.concatenate([np.arange(num_samples), np.full((padded - num_samples,), -1)])  # [padded]
+  dataset = grain.MapDataset.source(rows).map(_Tag(0)).map(encoder)[index::count]
+  return _finish(dataset, data, _local_batch_size(global_batch_size, count), drop_remainder=False, stats=stats)
+
+
+def to_global_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """This process's batch → global arrays with the batch dimension sharded over ('data', 'fsdp')."""
+  batch_sharding = NamedSharding(mesh, P(sharding.BATCH_AXES))
+  return {key: jax.make_array_from_process_local_data(batch_sharding, np.asarray(value))
+          for key, value in local_batch.items()}
