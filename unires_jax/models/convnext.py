@@ -1,0 +1,144 @@
+"""ConvNeXt (the high-resolution encoder E_h, CLIP ConvNeXt-L in the paper), numerically equal to HF
+`ConvNextModel` (the timm/open_clip design under other names); returns the four stage outputs, NHWC.
+
+Blocks are a plain Python loop (stages differ in depth and width, and even ConvNeXt-L has only 36 blocks), named
+`stage_{s}/block_{i}` so the conversion tables read one-to-one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unires_jax.sharding import with_logical_constraint
+
+Dtype = Any
+
+FEATURE_MAP = ("activation_batch", None, None, "activation_embed")
+STEM_STRIDE = 4
+NUM_STAGES = 4
+TOTAL_STRIDE = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvNextConfig:
+  """The `model.convnext` section: `ConvNextConfig(**cfg.model.convnext.to_dict())`."""
+  image_size: int
+  depths: Sequence[int]
+  dims: Sequence[int]
+  layer_norm_eps: float = 1e-6
+  layer_scale_init: float = 1e-6
+
+  def __post_init__(self):
+    object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
+    object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
+    if len(self.depths) != NUM_STAGES or len(self.dims) != NUM_STAGES:
+      raise ValueError(f"ConvNextConfig: depths {self.depths} and dims {self.dims} must each have {NUM_STAGES} "
+                       f"entries (one per stage)")
+    if self.image_size % TOTAL_STRIDE:
+      raise ValueError(f"ConvNextConfig: image_size {self.image_size} is not divisible by {TOTAL_STRIDE}")
+
+
+def _layer_norm(config: ConvNextConfig, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, name=name,
+                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+
+
+def _conv(features: int, kernel: int, stride: int, dtype: Dtype, param_dtype: Dtype, name: str,
+          in_axis: str | None) -> nn.Conv:
+  """A strided, unpadded conv (the stem and the downsampling layers)."""
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="VALID", dtype=dtype,
+                 param_dtype=param_dtype, name=name,
+                 kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                          ("conv_spatial", "conv_spatial", in_axis, "mlp")),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))
+
+
+class ConvNextBlock(nn.Module):
+  """x + γ · pwconv2(GELU(pwconv1(LayerNorm(dwconv7x7(x))))), channels last."""
+  config: ConvNextConfig
+  dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: jax.Array) -> jax.Array:  # [B, H, W, C]
+    cfg = self.config
+    hidden = nn.Conv(
+        self.dim, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=self.dim, dtype=self.dtype,
+        param_dtype=self.param_dtype, name="dwconv",
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                 ("conv_spatial", "conv_spatial", None, "embed")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(features)  # [B, H, W, C]
+    hidden = _layer_norm(cfg, self.dtype, self.param_dtype, "norm")(hidden)
+    hidden = nn.Dense(4 * self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="pwconv1",
+                      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(hidden)
+    hidden = nn.gelu(hidden, approximate=False)  # [B, H, W, 4C]
+    hidden = with_logical_constraint(hidden, ("activation_batch", None, None, "activation_mlp"))
+    hidden = nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="pwconv2",
+                      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", "embed")),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(hidden)
+    if cfg.layer_scale_init > 0:
+      layer_scale = self.param("layer_scale", nn.with_logical_partitioning(
+          nn.initializers.constant(cfg.layer_scale_init), ("embed",)), (self.dim,), self.param_dtype)
+      hidden = hidden * layer_scale.astype(self.dtype)
+    return with_logical_constraint(features + hidden, FEATURE_MAP)
+
+
+class ConvNextStage(nn.Module):
+  """Optional downsampling (LayerNorm + 2×2 stride-2 conv; every stage but the first) and `depth` blocks."""
+  config: ConvNextConfig
+  stage: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: jax.Array) -> jax.Array:  # [B, H, W, C_{s-1}] → [B, H/2, W/2, C_s]
+    cfg = self.config
+    dim = cfg.dims[self.stage]
+    if self.stage > 0:
+      features = _layer_norm(cfg, self.dtype, self.param_dtype, "downsample_norm")(features)
+      features = _conv(dim, 2, 2, self.dtype, self.param_dtype, "downsample_conv", "embed")(features)
+      features = with_logical_constraint(features, FEATURE_MAP)
+    for index in range(cfg.depths[self.stage]):
+      features = ConvNextBlock(cfg, dim, self.dtype, self.param_dtype, name=f"block_{index}")(features)
+    return features
+
+
+class ConvNeXt(nn.Module):
+  """images [B, H, W, 3] → [stride-4, -8, -16, -32 feature maps], `[B, H/4, W/4, C0]` ... `[B, H/32, W/32, C3]`.
+
+  Any H, W divisible by 32 work. The final `head_norm` does not touch the feature maps; it is kept so checkpoints
+  round-trip and is applied to the globally pooled last map, sown as `intermediates/pooled` (HF's
+  `pooler_output`).
+  """
+  config: ConvNextConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> list[jax.Array]:
+    cfg = self.config
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"ConvNeXt: expected images [B, H, W, 3], got shape {images.shape}")
+    height, width = images.shape[1:3]
+    if height % TOTAL_STRIDE or width % TOTAL_STRIDE:
+      raise ValueError(f"ConvNeXt: image size {height}x{width} is not divisible by the total stride "
+                       f"{TOTAL_STRIDE}")
+    features = _conv(cfg.dims[0], STEM_STRIDE, STEM_STRIDE, self.dtype, self.param_dtype, "stem_conv", None)(
+        images.astype(self.dtype))  # [B, H/4, W/4, C0]
+    features = _layer_norm(cfg, self.dtype, self.param_dtype, "stem_norm")(features)
+    features = with_logical_constraint(features, FEATURE_MAP)
+    feature_maps = []
+    for stage in range(NUM_STAGES):
+      features = ConvNextStage(cfg, stage, self.dtype, self.param_dtype, name=f"stage_{stage}")(features)
+      feature_maps.append(features)
+    pooled = _layer_norm(cfg, self.dtype, self.param_dtype, "head_norm")(features.mean(axis=(1, 2)))  # [B, C3]
+    self.sow("intermediates", "pooled", pooled)
+    return feature_maps
