@@ -68,6 +68,11 @@ class DatasetReader:
     return self.list_sources(data_dir, split, **{**self.defaults, **options})
 
 
+def _plan_bad(bad: BadEntries, shard: tuple[int, int] | None) -> BadEntries:
+  """Entries dropped while planning are seen by every shard's reader; only shard 0 counts them."""
+  return bad if shard is None or shard[0] == 0 else BadEntries()
+
+
 def _emit(plans: list[_ImagePlan], bad: BadEntries, skip_bad: bool,
           shard: tuple[int, int] | None) -> Iterator[dict]:
   """Builds the plans in order; with `shard=(k, n)` only the images whose position is k mod n."""
@@ -170,7 +175,8 @@ def _proposals(annotations: list[dict]) -> dict:
 
 
 def _coco_plans(dataset: str, split: str, instances_path: str, refs: list[tuple[str, dict]], image_dir: str,
-                normalise: Callable[[dict, str], dict], bad: BadEntries, skip_bad: bool) -> list[_ImagePlan]:
+                normalise: Callable[[dict, str], dict], bad: BadEntries, skip_bad: bool,
+                plan_bad: BadEntries) -> list[_ImagePlan]:
   """Plans for refs over a COCO `instances.json`; `normalise(ref, where)` → {ref_id, image_id, ann_ids, ...}."""
   instances = _load_json(instances_path)
   images = {int(im["id"]): im for im in _get(instances, "images", instances_path)}
@@ -194,7 +200,7 @@ def _coco_plans(dataset: str, split: str, instances_path: str, refs: list[tuple[
         if ann_id not in anns_by_id:
           raise MalformedEntryError("unknown_annotation", f"{where}: ann_id {ann_id} not in {instances_path}")
     except MalformedEntryError as error:
-      bad.handle(error, skip_bad)
+      plan_bad.handle(error, skip_bad)
       continue
     refs_by_image[ref["image_id"]].append(ref)
 
@@ -253,7 +259,8 @@ def read_refer(data_dir: str, split: str, *, split_by: str = "unc", image_dir: s
 
   refs = [(f"{refs_path} entry {i}", ref) for i, ref in enumerate(raw_refs)]
   plans = _coco_plans(dataset, split, os.path.join(data_dir, "instances.json"), refs,
-                      image_dir or os.path.join(data_dir, "images"), normalise, bad, skip_bad)
+                      image_dir or os.path.join(data_dir, "images"), normalise, bad, skip_bad,
+                      _plan_bad(bad, shard))
   return _emit(plans, bad, skip_bad, shard)
 
 
@@ -280,7 +287,8 @@ def read_grefcoco(data_dir: str, split: str, *, split_by: str = "unc", image_dir
 
   refs = [(f"{refs_path} entry {i}", ref) for i, ref in enumerate(raw_refs)]
   plans = _coco_plans(dataset, split, os.path.join(data_dir, "instances.json"), refs,
-                      image_dir or os.path.join(data_dir, "images"), normalise, bad, skip_bad)
+                      image_dir or os.path.join(data_dir, "images"), normalise, bad, skip_bad,
+                      _plan_bad(bad, shard))
   return _emit(plans, bad, skip_bad, shard)
 
 
@@ -338,7 +346,7 @@ def read_cris(data_dir: str, split: str, *, name: str = "refcocom", image_dir: s
           "where": where, "segment_id": segment_id, "bbox": [float(v) for v in box], "category": category,
           "granularity": granularity, "sentences": _sentences(entry, where)})
     except MalformedEntryError as error:
-      bad.handle(error, skip_bad)
+      _plan_bad(bad, shard).handle(error, skip_bad)
 
   def plan(image_id: int, img_name: str, image_entries: list[dict]) -> _ImagePlan:
     def build() -> dict | None:
