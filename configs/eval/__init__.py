@@ -1,0 +1,1 @@
+"""Eval configs: one file per benchmark (scripts/eval.py --config configs/eval/<bench>.py)."""

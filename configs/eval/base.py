@@ -1,0 +1,43 @@
+"""The shared shape of an eval config: which evaluator, which dataset reader, which splits, and where files live.
+
+Every benchmark file (refcoco.py, grefcoco.py, ...) calls `eval_config`; its `arg` selects splits:
+
+    python scripts/eval.py --config configs/eval/refcoco.py:val --config.predictions=FILE --config.data_dir=DIR
+    python scripts/eval.py --config configs/eval/refcoco.py:val,testA ...
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import ml_collections
+
+
+def select_splits(arg: str | None, splits: Sequence[str], benchmark: str) -> list[str]:
+  """`arg` as a comma-separated list of splits (a leading ':' is allowed); all splits when empty."""
+  arg = (arg or "").lstrip(":").strip()
+  if not arg:
+    return list(splits)
+  chosen = [s.strip() for s in arg.split(",") if s.strip()]
+  unknown = [s for s in chosen if s not in splits]
+  if unknown:
+    raise ValueError(f"eval config {benchmark}: unknown split(s) {unknown}; expected some of {list(splits)}")
+  return chosen
+
+
+def eval_config(*, evaluator: str, dataset: str, reader: str, splits: Sequence[str], arg: str | None,
+                benchmark: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.type = evaluator        # name in unires_jax.eval.evaluators.EVALUATORS: which metrics are reported
+  c.dataset = dataset       # the `dataset` field every predictions line must carry
+  c.reader = reader         # name in unires_jax.data.readers.DATASETS: how the ground truth is read
+  # Reader keyword options; empty values fall back to the reader's defaults (image_dir: <data_dir>/images).
+  c.reader_options = ml_collections.ConfigDict({"image_dir": ""})
+  c.splits = select_splits(arg, splits, benchmark)
+  c.data_dir = ""           # the benchmark in its real layout
+  c.predictions = ""        # predictions.jsonl to score (offline mode)
+  c.output_dir = ""         # where metrics.json / metrics.md go; default: beside the predictions
+  c.checkpoint = ""         # a model checkpoint to run instead of reading predictions (model-in-the-loop mode)
+  c.batch_size = 8          # global eval batch size in checkpoint mode
+  c.allow_missing = False   # True: score missing samples as empty predictions instead of failing
+  return c

@@ -1,0 +1,18 @@
+"""Eval config: RefCOCO (UNC splits).
+
+    python scripts/eval.py --config configs/eval/refcoco.py[:split,...] --config.predictions=FILE \
+        --config.data_dir=DIR
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs.eval import base
+
+SPLITS = ("val", "testA", "testB")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  return base.eval_config(evaluator="refcoco", dataset="refcoco", reader="refcoco", splits=SPLITS, arg=arg,
+                          benchmark="refcoco")
