@@ -72,3 +72,19 @@ def test_skip_bad_counts_land_in_index(synthetic_dir, tmp_path):
   assert index["skipped_bad"] == {"missing_key": 1, "unknown_annotation": 1}
   kept = [r for i, r in enumerate(grefs) if r["split"] == "val" and i not in (val[0], val[-1])]
   assert index["num_refs"] == len(kept)
+
+
+def test_tfds_style_data_source(synthetic_dir, tmp_path):
+  from unires_jax.data import tfds_builder
+
+  out = tmp_path / "prepared" / "synthetic_cris" / "val"
+  index = prepare_data.main(["--dataset", "synthetic_cris", "--data-dir", synthetic_dir, "--split", "val",
+                             "--out", str(out)])
+  assert tfds_builder.prepared_splits(str(tmp_path / "prepared")) == {"synthetic_cris/val": str(out)}
+  source = tfds_builder.data_source("synthetic_cris", "val", str(tmp_path / "prepared"))
+  assert len(source) == index["num_samples"]
+  entries = json.load(open(os.path.join(synthetic_dir, "cris", "anns", synthetic.CRIS_NAME, "val.json")))
+  expected = {(e["segment_id"], s["sent_id"]) for e in entries for s in e["sentences"]}
+  assert {(s["ids"]["ref_id"], s["ids"]["sent_id"]) for s in source.__getitems__(range(len(source)))} == expected
+  with pytest.raises(KeyError, match="synthetic_cris/val"):
+    tfds_builder.data_source("refcoco", "val", str(tmp_path / "prepared"))
