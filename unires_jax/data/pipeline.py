@@ -17,6 +17,7 @@ import os
 from typing import Any, Sequence
 
 import grain
+from absl import flags
 import jax
 import ml_collections
 import numpy as np
@@ -419,6 +420,9 @@ def _finish(dataset: grain.MapDataset, data: DataConfig, local_batch_size: int, 
   read_options = grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=data.read_buffer_size)
   batched = dataset.to_iter_dataset(read_options).batch(local_batch_size, drop_remainder=drop_remainder)
   if data.worker_count > 0:
+    # Grain's worker processes read absl flags; outside an absl app (tests, notebooks) they are unparsed.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     batched = batched.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=data.worker_count, per_worker_buffer_size=data.worker_buffer_size))
   return iter(batched.map(_CountAndStrip(stats)))
