@@ -14,7 +14,7 @@ import io
 import logging
 import math
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import grain
 from absl import flags
