@@ -104,6 +104,33 @@ def _layer_norm(config: ClipVitConfig, dtype: Dtype, param_dtype: Dtype, name: s
                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
 
 
+class HeadsProjection(nn.Module):
+  """[B, N, D] → [B, N, H, Dh] (`to_heads`) or [B, N, H, Dh] → [B, N, D]: a Dense whose kernel keeps the head
+  axes, so they can be sharded. (Flax's DenseGeneral reshapes a flat boxed init, which a mesh context rejects.)"""
+  num_heads: int
+  head_dim: int
+  width: int
+  to_heads: bool
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    heads = (self.num_heads, self.head_dim)
+    if self.to_heads:
+      kernel_shape, names, bias_shape = (self.width, *heads), ("embed", "heads", "head_dim"), heads
+      init = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+      equation, bias_names = "bnd,dhk->bnhk", ("heads", "head_dim")
+    else:
+      kernel_shape, names, bias_shape = (*heads, self.width), ("heads", "head_dim", "embed"), (self.width,)
+      init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
+      equation, bias_names = "bnhk,hkd->bnd", ("embed",)
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, names), kernel_shape, self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_names), bias_shape,
+                      self.param_dtype)
+    return jnp.einsum(equation, inputs.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
 class ClipAttention(nn.Module):
   """Multi-head self-attention with separate q/k/v projections (HF `CLIPAttention`)."""
   config: ClipVitConfig
@@ -113,21 +140,16 @@ class ClipAttention(nn.Module):
   @nn.compact
   def __call__(self, hidden: jax.Array) -> jax.Array:  # [B, N, D]
     cfg = self.config
-    dense_in = functools.partial(
-        nn.DenseGeneral, features=(cfg.num_heads, cfg.head_dim), dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "heads", "head_dim")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim")))
-    query = dense_in(name="q_proj")(hidden)  # [B, N, H, Dh]
-    key = dense_in(name="k_proj")(hidden)
-    value = dense_in(name="v_proj")(hidden)
+    projection = functools.partial(HeadsProjection, cfg.num_heads, cfg.head_dim, cfg.width, dtype=self.dtype,
+                                   param_dtype=self.param_dtype)
+    query = projection(True, name="q_proj")(hidden)  # [B, N, H, Dh]
+    key = projection(True, name="k_proj")(hidden)
+    value = projection(True, name="v_proj")(hidden)
     query = with_logical_constraint(query, ("activation_batch", "activation_length", "activation_heads", None))
     logits = jnp.einsum("bqhd,bkhd->bhqk", query * (cfg.head_dim ** -0.5), key)  # [B, H, N, N]
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     attended = jnp.einsum("bhqk,bkhd->bqhd", weights, value)  # [B, N, H, Dh]
-    return nn.DenseGeneral(
-        features=cfg.width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype, name="out_proj",
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("heads", "head_dim", "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(attended)  # [B, N, D]
+    return projection(False, name="out_proj")(attended)  # [B, N, D]
 
 
 class ClipMlp(nn.Module):
@@ -198,7 +220,7 @@ class ClipVisionTransformer(nn.Module):
         cfg.width, (cfg.patch_size, cfg.patch_size), strides=(cfg.patch_size, cfg.patch_size), padding="VALID",
         use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embedding",
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                 ("conv_spatial", "conv_spatial", None, "embed")),
+                                                 (None, None, None, "embed")),
     )(images.astype(self.dtype))  # [B, gh, gw, D]
     patches = einops.rearrange(patches, "b h w d -> b (h w) d")  # [B, N, D]
 

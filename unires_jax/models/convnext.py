@@ -55,7 +55,7 @@ def _conv(features: int, kernel: int, stride: int, dtype: Dtype, param_dtype: Dt
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="VALID", dtype=dtype,
                  param_dtype=param_dtype, name=name,
                  kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                          ("conv_spatial", "conv_spatial", in_axis, "mlp")),
+                                                          (None, None, in_axis, "mlp")),
                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))
 
 
@@ -73,7 +73,7 @@ class ConvNextBlock(nn.Module):
         self.dim, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=self.dim, dtype=self.dtype,
         param_dtype=self.param_dtype, name="dwconv",
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                 ("conv_spatial", "conv_spatial", None, "embed")),
+                                                 (None, None, None, "embed")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(features)  # [B, H, W, C]
     hidden = _layer_norm(cfg, self.dtype, self.param_dtype, "norm")(hidden)
     hidden = nn.Dense(4 * self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="pwconv1",
