@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -66,8 +68,8 @@ def test_clip_features_match_hf(clip_model, height, width):
                      interpolate_pos_encoding=(height, width) != (VIT.image_size,) * 2)
   expected = out.hidden_states[VIT.select_layer][:, 1:].numpy()
   params = clip_convert.import_clip_vit(clip_model.state_dict(), VIT, prefix="")
-  features, state = ClipVisionTransformer(VIT).apply({"params": params}, jnp.asarray(images),
-                                                      mutable=["intermediates"])
+  apply = jax.jit(functools.partial(ClipVisionTransformer(VIT).apply, mutable=["intermediates"]))
+  features, state = apply({"params": params}, jnp.asarray(images))
   assert features.shape == expected.shape
   assert _max_abs(features, expected) < 1e-4
   assert _max_abs(state["intermediates"]["pooled"][0], out.pooler_output.numpy()) < 1e-4
@@ -121,8 +123,8 @@ def test_convnext_stage_outputs_match_hf(convnext_model, height, width):
     out = convnext_model(torch.from_numpy(images.transpose(0, 3, 1, 2)), output_hidden_states=True)
   stage_outputs = [h.numpy().transpose(0, 2, 3, 1) for h in out.hidden_states[1:]]  # [0] is the stem output
   params = convnext_convert.import_convnext(convnext_model.state_dict(), CONVNEXT)
-  feature_maps, state = ConvNeXt(CONVNEXT).apply({"params": params}, jnp.asarray(images),
-                                                 mutable=["intermediates"])
+  apply = jax.jit(functools.partial(ConvNeXt(CONVNEXT).apply, mutable=["intermediates"]))
+  feature_maps, state = apply({"params": params}, jnp.asarray(images))
   assert len(feature_maps) == len(stage_outputs) == 4
   for stage, (got, want) in enumerate(zip(feature_maps, stage_outputs)):
     assert got.shape == want.shape, stage

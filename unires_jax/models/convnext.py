@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unires_jax.sharding import with_logical_constraint
+from unires_jax.sharding import with_logical_constraint, logical_init
 
 Dtype = Any
 
@@ -45,8 +45,8 @@ class ConvNextConfig:
 
 def _layer_norm(config: ConvNextConfig, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, name=name,
-                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+                      scale_init=logical_init(nn.initializers.ones, ("norm",)),
+                      bias_init=logical_init(nn.initializers.zeros, ("norm",)))
 
 
 def _conv(features: int, kernel: int, stride: int, dtype: Dtype, param_dtype: Dtype, name: str,
@@ -54,9 +54,9 @@ def _conv(features: int, kernel: int, stride: int, dtype: Dtype, param_dtype: Dt
   """A strided, unpadded conv (the stem and the downsampling layers)."""
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="VALID", dtype=dtype,
                  param_dtype=param_dtype, name=name,
-                 kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                 kernel_init=logical_init(nn.initializers.lecun_normal(),
                                                           (None, None, in_axis, "mlp")),
-                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))
+                 bias_init=logical_init(nn.initializers.zeros, ("mlp",)))
 
 
 class ConvNextBlock(nn.Module):
@@ -72,20 +72,21 @@ class ConvNextBlock(nn.Module):
     hidden = nn.Conv(
         self.dim, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=self.dim, dtype=self.dtype,
         param_dtype=self.param_dtype, name="dwconv",
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                 (None, None, None, "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(features)  # [B, H, W, C]
+        # Replicated (49 weights per channel): sharding its channels would make the partitioner split the
+        # depthwise conv by channel against the batch-sharded input instead of gathering the kernel.
+        kernel_init=logical_init(nn.initializers.lecun_normal(), (None, None, None, None)),
+        bias_init=logical_init(nn.initializers.zeros, ("norm",)))(features)  # [B, H, W, C]
     hidden = _layer_norm(cfg, self.dtype, self.param_dtype, "norm")(hidden)
     hidden = nn.Dense(4 * self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="pwconv1",
-                      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(hidden)
+                      kernel_init=logical_init(nn.initializers.lecun_normal(), ("embed", "mlp")),
+                      bias_init=logical_init(nn.initializers.zeros, ("mlp",)))(hidden)
     hidden = nn.gelu(hidden, approximate=False)  # [B, H, W, 4C]
     hidden = with_logical_constraint(hidden, ("activation_batch", None, None, "activation_mlp"))
     hidden = nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="pwconv2",
-                      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", "embed")),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(hidden)
+                      kernel_init=logical_init(nn.initializers.lecun_normal(), ("mlp", "embed")),
+                      bias_init=logical_init(nn.initializers.zeros, ("embed",)))(hidden)
     if cfg.layer_scale_init > 0:
-      layer_scale = self.param("layer_scale", nn.with_logical_partitioning(
+      layer_scale = self.param("layer_scale", logical_init(
           nn.initializers.constant(cfg.layer_scale_init), ("embed",)), (self.dim,), self.param_dtype)
       hidden = hidden * layer_scale.astype(self.dtype)
     return with_logical_constraint(features + hidden, FEATURE_MAP)
