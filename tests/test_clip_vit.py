@@ -114,6 +114,20 @@ def test_select_layer_equals_the_last_layer_of_a_cut_model():
   assert np.max(np.abs(last - full)) > 1e-2
 
 
+def test_remat_changes_nothing_forward_or_backward():
+  params = _random_params(SMALL, seed=10)
+  images = jnp.asarray(_images(SMALL))
+
+  def loss(module):
+    return jax.jit(jax.value_and_grad(lambda p: jnp.sum(module.apply({"params": p}, images) ** 2)))(params)
+
+  value, grads = loss(ClipVisionTransformer(SMALL))
+  remat_value, remat_grads = loss(ClipVisionTransformer(SMALL, remat=True))
+  np.testing.assert_allclose(float(remat_value), float(value), rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 def test_position_resampling_is_identity_at_the_native_grid():
   np.testing.assert_array_equal(bicubic_matrix(4, 4), np.eye(4, dtype=np.float32))
   grid = jnp.asarray(np.random.default_rng(6).normal(size=(4, 4, 5)).astype(np.float32))

@@ -118,7 +118,11 @@ def export_convnext_timm(params: Mapping, cfg: ConvNextConfig, prefix: str = "")
 
 
 def convnext_config_to_hf(cfg: ConvNextConfig) -> dict:
-  """Keyword arguments of the matching `transformers.ConvNextConfig`."""
+  """Keyword arguments of the matching `transformers.ConvNextConfig`.
+
+  HF fixes the stem, block and downsampling norms' epsilon at 1e-6 and uses `layer_norm_eps` only for the final
+  norm, so the two agree exactly when `cfg.layer_norm_eps` is 1e-6 (every config in configs/).
+  """
   return dict(num_channels=3, patch_size=4, num_stages=NUM_STAGES, hidden_sizes=list(cfg.dims),
               depths=list(cfg.depths), hidden_act="gelu", layer_norm_eps=cfg.layer_norm_eps,
               layer_scale_init_value=cfg.layer_scale_init, drop_path_rate=0.0, image_size=cfg.image_size)
