@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from unires_jax.sharding import with_logical_constraint
+from unires_jax.sharding import with_logical_constraint, logical_init
 
 # LayerNorm epsilons SAM fixes in code rather than in its config: the final token→image attention's norm uses
 # torch's default, the upscaling LayerNorm2d SAM's own default.
@@ -64,20 +64,20 @@ def _dense(features: int, names: tuple[str | None, str | None], name: str, dtype
            param_dtype: Any) -> nn.Dense:
   """A Dense whose kernel is [in, out] with logical `names` and whose bias carries the output name."""
   return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
-                  kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (names[1],)))
+                  kernel_init=logical_init(nn.initializers.lecun_normal(), names),
+                  bias_init=logical_init(nn.initializers.zeros_init(), (names[1],)))
 
 
 def _layer_norm(eps: float, name: str, dtype: Any, param_dtype: Any) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
-                      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
+                      scale_init=logical_init(nn.initializers.ones_init(), ("norm",)),
+                      bias_init=logical_init(nn.initializers.zeros_init(), ("norm",)))
 
 
 def _embed(num: int, dim: int, name: str, param_dtype: Any) -> nn.Embed:
   # torch's nn.Embedding initialisation, N(0, 1).
   return nn.Embed(num, dim, param_dtype=param_dtype, name=name,
-                  embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")))
+                  embedding_init=logical_init(nn.initializers.normal(1.0), (None, "embed")))
 
 
 class RandomFourierEmbedding(nn.Module):
@@ -89,7 +89,7 @@ class RandomFourierEmbedding(nn.Module):
   def __call__(self, coords: jax.Array) -> jax.Array:
     matrix = self.param(
         "positional_embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(POSITIONAL_EMBEDDING_SCALE), (None, "embed")),
+        logical_init(nn.initializers.normal(POSITIONAL_EMBEDDING_SCALE), (None, "embed")),
         (2, self.num_pos_feats), self.param_dtype)
     projected = (2.0 * coords.astype(jnp.float32) - 1.0) @ matrix.astype(jnp.float32)  # [..., C/2]
     projected = 2.0 * math.pi * projected
@@ -203,11 +203,16 @@ class TwoWayTransformer(nn.Module):
 
 
 class FeedForward(nn.Module):
-  """SAM's MLP head: proj_in, (num_layers - 2) hidden layers, proj_out, ReLU between them."""
+  """SAM's MLP head: proj_in, (num_layers - 2) hidden layers, proj_out, ReLU between them.
+
+  The small outputs (C/8 hypernetwork channels, M IoU scores) stay replicated: with the hypernetwork output
+  named `embed` (sharded over fsdp), jax 0.10.2's CPU partitioner gave a different result on a 2×2×2 mesh than
+  unsharded (tests/test_mask_decoder.py::test_sharded_equals_unsharded).
+  """
   hidden_dim: int
   output_dim: int
   num_layers: int
-  output_name: str | None = "embed"
+  output_name: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -230,12 +235,12 @@ class PatchConvTranspose(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    # Flax refuses a logical name repeated within one array, so only the first spatial dim is named.
     kernel = self.param(
         "kernel",
-        nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                     ("conv_spatial", "conv_spatial", "embed", "mlp")),
+        logical_init(nn.initializers.lecun_normal(), ("conv_spatial", None, "embed", "mlp")),
         (self.patch, self.patch, x.shape[-1], self.features), self.param_dtype)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)),
+    bias = self.param("bias", logical_init(nn.initializers.zeros_init(), ("mlp",)),
                       (self.features,), self.param_dtype)
     x = x.astype(self.dtype)
     blocks = jnp.einsum("bhwc,pqco->bhpwqo", x, kernel.astype(self.dtype))  # [B, h, p, w, p, O]
@@ -294,7 +299,7 @@ class MaskDecoder(nn.Module):
         for i in range(num_mask_tokens)
     ], axis=1)  # [B, M_all, C/8]
     masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in, upscaled)  # [B, M_all, 4h, 4w]
-    iou_pred = FeedForward(cfg.iou_head_hidden_dim, num_mask_tokens, cfg.iou_head_depth, output_name=None,
+    iou_pred = FeedForward(cfg.iou_head_hidden_dim, num_mask_tokens, cfg.iou_head_depth,
                            name="iou_prediction_head", **kw)(iou_token_out)  # [B, M_all]
 
     selected = slice(1, None) if multimask_output else slice(0, 1)
