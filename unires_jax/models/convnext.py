@@ -55,7 +55,7 @@ def _conv(features: int, kernel: int, stride: int, dtype: Dtype, param_dtype: Dt
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="VALID", dtype=dtype,
                  param_dtype=param_dtype, name=name,
                  kernel_init=logical_init(nn.initializers.lecun_normal(),
-                                                          (None, None, in_axis, "mlp")),
+                                                          ("conv_spatial", None, in_axis, "mlp")),
                  bias_init=logical_init(nn.initializers.zeros, ("mlp",)))
 
 
@@ -74,7 +74,7 @@ class ConvNextBlock(nn.Module):
         param_dtype=self.param_dtype, name="dwconv",
         # Replicated (49 weights per channel): sharding its channels would make the partitioner split the
         # depthwise conv by channel against the batch-sharded input instead of gathering the kernel.
-        kernel_init=logical_init(nn.initializers.lecun_normal(), (None, None, None, None)),
+        kernel_init=logical_init(nn.initializers.lecun_normal(), ("conv_spatial", None, None, None)),
         bias_init=logical_init(nn.initializers.zeros, ("norm",)))(features)  # [B, H, W, C]
     hidden = _layer_norm(cfg, self.dtype, self.param_dtype, "norm")(hidden)
     hidden = nn.Dense(4 * self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="pwconv1",
