@@ -1,0 +1,376 @@
+"""The LLaMA-family decoder (RMSNorm, rotary embeddings, grouped-query attention, SwiGLU) with a KV cache.
+
+Parameter names mirror transformers' `LlamaForCausalLM` so the conversion table in `convert/llama.py` is a plain
+rename plus reshapes.
+
+Padding convention (makes batched generation with different prompt lengths exact): a False entry of
+`attention_mask` marks a slot that no query may attend to. Rotary positions default to the number of real tokens
+before a slot (`cumsum(attention_mask) - 1`), so a row's real tokens get the positions they would have without
+padding, whether the padding is on the left, on the right, or between a right-padded prompt and generated
+tokens. With `decode=True` every call writes its tokens at the next free slots of a `max_seq_len` cache together
+with their mask, and continues the positions from the real tokens the cache already holds. Generation therefore
+prefills a right-padded prompt batch `[B, Lp]` and then steps one token at a time for all rows together; the
+padded slots stay masked for the rest of the sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+
+from unires_jax.sharding import with_logical_constraint, logical_init
+
+Dtype = Any
+
+# Remat policies selectable by name in the config; 'none' disables rematerialisation.
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+HIDDEN_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Sizes of the decoder; the keys of `configs/common.py::_llm`."""
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float = 10000.0
+  rms_norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  max_seq_len: int = 2048
+  scan_layers: bool = True
+  remat_policy: str = "nothing_saveable"
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+                 "max_seq_len"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
+    if self.num_kv_heads > self.num_heads or self.num_heads % self.num_kv_heads:
+      raise ValueError(f"LlamaConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                       f"({self.num_kv_heads}) for grouped-query attention")
+    if self.head_dim % 2:
+      raise ValueError(f"LlamaConfig.head_dim must be even for rotary embeddings, got {self.head_dim}")
+    if not self.rope_theta > 0:
+      raise ValueError(f"LlamaConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+    if not self.rms_norm_eps > 0:
+      raise ValueError(f"LlamaConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"LlamaConfig.remat_policy {self.remat_policy!r} is unknown; expected one of "
+                       f"{sorted(REMAT_POLICIES)}")
+
+  @property
+  def num_query_groups(self) -> int:
+    """Query heads per KV head."""
+    return self.num_heads // self.num_kv_heads
+
+
+def default_positions(attention_mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
+  """Rotary positions = real tokens before each slot (+ `offset` real tokens already cached). [B, L] int32."""
+  counts = jnp.cumsum(attention_mask.astype(jnp.int32), axis=1)  # [B, L]
+  return jnp.maximum(counts - 1, 0) + jnp.asarray(offset, jnp.int32).reshape(-1, 1)
+
+
+def apply_rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding in the HF LLaMA layout (the two halves of `head_dim` form the rotated pairs).
+
+  x: [B, L, N, Dh]; positions: [B, L]. Angles are computed in float32.
+  """
+  head_dim = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [Dh/2]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, Dh/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, L, 1, Dh]
+  first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated_half = jnp.concatenate([-second, first], axis=-1)
+  out = x.astype(jnp.float32) * jnp.cos(angles) + rotated_half * jnp.sin(angles)
+  return out.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  """x / rms(x) * scale, normalised in float32 (as HF LLaMA)."""
+  eps: float
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", logical_init(nn.initializers.ones, ("norm",)), (x.shape[-1],),
+                       self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return normed.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def _kernel_init(names: tuple[str, ...]) -> Callable:
+  return logical_init(nn.initializers.lecun_normal(), names)
+
+
+class Projection(nn.Module):
+  """A bias-free multi-axis linear map `einsum(equation, x, kernel)` with a `kernel` of `shape`.
+
+  Written out (instead of `nn.DenseGeneral`) so the kernel is created in its final shape: DenseGeneral initialises
+  a flattened kernel, whose logical names then do not match its rank under a mesh.
+  """
+  equation: str
+  shape: tuple[int, ...]
+  names: tuple[str, ...]
+  fan_in_axes: tuple[int, ...]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    fan_out_axes = tuple(a for a in range(len(self.shape)) if a not in self.fan_in_axes)
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=self.fan_in_axes,
+                                            out_axis=fan_out_axes)
+    kernel = self.param("kernel", logical_init(init, self.names), self.shape, self.param_dtype)
+    return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with rotary positions and an optional KV cache (collection 'cache')."""
+  config: LlamaConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _project(self, equation: str, shape: tuple[int, ...], names: tuple[str, ...], fan_in_axes: tuple[int, ...],
+               name: str) -> "Projection":
+    return Projection(equation, shape, names, fan_in_axes, dtype=self.dtype, param_dtype=self.param_dtype,
+                      name=name)
+
+  def _update_cache(self, key: jax.Array, value: jax.Array, attention_mask: jax.Array):
+    """Writes this call's keys/values/mask at the next free slots; returns the whole cache and the first slot."""
+    cfg = self.config
+    batch, length = attention_mask.shape
+    initialized = self.has_variable("cache", "cached_key")
+    cache_shape = (batch, cfg.max_seq_len, cfg.num_kv_heads, cfg.head_dim)
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, cache_shape, key.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, cache_shape, value.dtype)
+    cached_mask = self.variable("cache", "cache_mask", jnp.zeros, (batch, cfg.max_seq_len), jnp.bool_)
+    cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+    if not initialized:
+      # `init` only creates the (empty) cache; attention then runs over this call's tokens alone.
+      return key, value, attention_mask, jnp.zeros((), jnp.int32)
+    start = cache_index.value
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
+                                                    (0, start, 0, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype),
+                                                      (0, start, 0, 0))
+    cached_mask.value = jax.lax.dynamic_update_slice(cached_mask.value, attention_mask, (0, start))
+    cache_index.value = start + length
+    return cached_key.value, cached_value.value, cached_mask.value, start
+
+  @nn.compact
+  def __call__(self, hidden: jax.Array, positions: jax.Array, attention_mask: jax.Array,
+               decode: bool = False) -> jax.Array:
+    cfg = self.config
+    heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    embed, in_heads = cfg.hidden_size, "bld,dnk->blnk"
+    query = self._project(in_heads, (embed, heads, head_dim), ("embed", "heads", "head_dim"), (0,),
+                          "q_proj")(hidden)  # [B, L, H, Dh]
+    key = self._project(in_heads, (embed, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), (0,),
+                        "k_proj")(hidden)  # [B, L, KVH, Dh]
+    value = self._project(in_heads, (embed, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), (0,),
+                          "v_proj")(hidden)
+    query = with_logical_constraint(query, ("activation_batch", "activation_length", "activation_heads", None))
+    key = with_logical_constraint(key, ("activation_batch", "activation_length", "activation_kv_heads", None))
+    value = with_logical_constraint(value, ("activation_batch", "activation_length", "activation_kv_heads", None))
+    query = apply_rotary(query, positions, cfg.rope_theta)
+    key = apply_rotary(key, positions, cfg.rope_theta)
+
+    length = hidden.shape[1]
+    if decode:
+      key, value, key_mask, start = self._update_cache(key, value, attention_mask)  # keys [B, S, KVH, Dh]
+    else:
+      key_mask, start = attention_mask, jnp.zeros((), jnp.int32)
+    query_slots = start + jnp.arange(length)  # [L]
+    key_slots = jnp.arange(key.shape[1])  # [S]
+    allowed = (key_slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]  # [B, L, S]
+
+    query = rearrange(query, "b l (k g) d -> b l k g d", k=kv_heads)
+    scores = jnp.einsum("blkgd,bskd->bkgls", query, key, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(head_dim)
+    # A finite fill keeps fully masked rows (queries on leading padding) finite instead of NaN.
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [B, KVH, G, L, S]
+    attended = jnp.einsum("bkgls,bskd->blkgd", probs, value.astype(self.dtype))
+    attended = rearrange(attended, "b l k g d -> b l (k g) d")  # [B, L, H, Dh]
+    attended = with_logical_constraint(attended, ("activation_batch", "activation_length", "activation_heads", None))
+    return self._project("blnk,nkd->bld", (heads, head_dim, embed), ("heads", "head_dim", "embed"), (0, 1),
+                         "o_proj")(attended)
+
+
+class Mlp(nn.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+  config: LlamaConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden: jax.Array) -> jax.Array:
+    cfg = self.config
+
+    def dense(features, names, name):
+      return nn.Dense(features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                      kernel_init=_kernel_init(names), name=name)
+
+    gate = dense(cfg.mlp_dim, ("embed", "mlp"), "gate_proj")(hidden)  # [B, L, F]
+    up = dense(cfg.mlp_dim, ("embed", "mlp"), "up_proj")(hidden)
+    inner = with_logical_constraint(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+    return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(inner)
+
+
+class DecoderBlock(nn.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). Returns `(hidden, None)` so `nn.scan` can stack it."""
+  config: LlamaConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden: jax.Array, positions: jax.Array, attention_mask: jax.Array,
+               decode: bool = False) -> tuple[jax.Array, None]:
+    cfg = self.config
+    kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    hidden = with_logical_constraint(hidden, HIDDEN_AXES)
+    normed = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kwargs)(hidden)
+    hidden = hidden + Attention(cfg, name="self_attn", **kwargs)(normed, positions, attention_mask, decode)
+    normed = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kwargs)(hidden)
+    hidden = hidden + Mlp(cfg, name="mlp", **kwargs)(normed)
+    return with_logical_constraint(hidden, HIDDEN_AXES), None
+
+
+class DecodePositions(nn.Module):
+  """Counts the real tokens written to the cache per row, so decoding continues each row's positions."""
+
+  @nn.compact
+  def __call__(self, attention_mask: jax.Array) -> jax.Array:
+    initialized = self.has_variable("cache", "num_real_tokens")
+    num_real = self.variable("cache", "num_real_tokens", jnp.zeros, (attention_mask.shape[0],), jnp.int32)
+    positions = default_positions(attention_mask, num_real.value)  # [B, L]
+    if initialized:
+      num_real.value = num_real.value + attention_mask.astype(jnp.int32).sum(axis=1)
+    return positions
+
+
+class LMHead(nn.Module):
+  """Untied output projection `[D, V]`; logits in float32."""
+  vocab_size: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", _kernel_init(("embed", "vocab")), (hidden.shape[-1], self.vocab_size),
+                        self.param_dtype)
+    return jnp.einsum("bld,dv->blv", hidden.astype(self.dtype), kernel.astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class Llama(nn.Module):
+  """The decoder. Methods `embed`, `__call__` (hidden states), `logits` and `token_logits` (all three; use it to
+  `init`) share one parameter tree:
+
+  `embed_tokens/embedding [V, D]`, `layers/...` (stacked, leading `layers` axis, when `scan_layers`) or
+  `layers_{i}/...`, `norm/scale [D]`, `lm_head/kernel [D, V]` (absent when `tie_embeddings`).
+  """
+  config: LlamaConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    cfg = self.config
+    kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.embed_tokens = nn.Embed(
+        cfg.vocab_size, cfg.hidden_size,
+        embedding_init=logical_init(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+        **kwargs)
+    block = DecoderBlock
+    policy_name = cfg.remat_policy
+    if policy_name != "none":
+      # static_argnums counts `self`: 4 is `decode`.
+      block = nn.remat(block, policy=REMAT_POLICIES[policy_name], prevent_cse=not cfg.scan_layers,
+                       static_argnums=(4,))
+    if cfg.scan_layers:
+      self.layers = nn.scan(
+          block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"})(cfg, **kwargs)
+    else:
+      self.layers = [block(cfg, **kwargs) for _ in range(cfg.num_layers)]
+    self.norm = RMSNorm(cfg.rms_norm_eps, **kwargs)
+    self.decode_positions = DecodePositions()
+    if not cfg.tie_embeddings:
+      self.lm_head = LMHead(cfg.vocab_size, **kwargs)
+
+  def embed(self, token_ids: jax.Array) -> jax.Array:
+    """[B, L] int → [B, L, D]."""
+    return with_logical_constraint(self.embed_tokens(token_ids), HIDDEN_AXES)
+
+  def __call__(self, input_embeds: jax.Array, attention_mask: jax.Array, positions: jax.Array | None = None,
+               decode: bool = False) -> jax.Array:
+    """[B, L, D] embeddings + [B, L] bool mask → [B, L, D] hidden states after the final norm.
+
+    Causal over slots and masked on `attention_mask == False` keys. `positions` default to the real-token count
+    (see the module docstring). With `decode=True` the cache in collection 'cache' is read and extended.
+    """
+    if input_embeds.ndim != 3 or input_embeds.shape[-1] != self.config.hidden_size:
+      raise ValueError(f"Llama input_embeds must be [B, L, {self.config.hidden_size}], got {input_embeds.shape}")
+    if attention_mask.shape != input_embeds.shape[:2]:
+      raise ValueError(f"Llama attention_mask must be {input_embeds.shape[:2]}, got {attention_mask.shape}")
+    attention_mask = attention_mask.astype(jnp.bool_)
+    if decode:
+      cached_positions = self.decode_positions(attention_mask)
+      positions = cached_positions if positions is None else positions
+    elif positions is None:
+      positions = default_positions(attention_mask)
+    hidden = with_logical_constraint(input_embeds.astype(self.dtype), HIDDEN_AXES)
+    if self.config.scan_layers:
+      hidden, _ = self.layers(hidden, positions, attention_mask, decode)
+    else:
+      for layer in self.layers:
+        hidden, _ = layer(hidden, positions, attention_mask, decode)
+    return with_logical_constraint(self.norm(hidden), HIDDEN_AXES)
+
+  def token_logits(self, token_ids: jax.Array, attention_mask: jax.Array, positions: jax.Array | None = None,
+                   decode: bool = False) -> jax.Array:
+    """Token ids [B, L] → float32 logits [B, L, V]: embed, decoder, head. `init` through it creates every param."""
+    return self.logits(self(self.embed(token_ids), attention_mask, positions, decode))
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """[B, L, D] → float32 [B, L, V]; tied to the embedding when `tie_embeddings`."""
+    if self.config.tie_embeddings:
+      embedding = self.embed_tokens.embedding  # [V, D]
+      logits = jnp.einsum("bld,vd->blv", hidden.astype(self.dtype), embedding.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+    else:
+      logits = self.lm_head(hidden)
+    return with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+def init_cache(model: Llama, batch_size: int) -> Any:
+  """An empty KV cache for `batch_size` rows (shapes from `jax.eval_shape`; no parameters are materialised)."""
+  cfg = model.config
+
+  def init(rng):
+    embeds = jnp.zeros((batch_size, 1, cfg.hidden_size), model.dtype)
+    return model.init(rng, embeds, jnp.ones((batch_size, 1), jnp.bool_), decode=True)["cache"]
+
+  shapes = jax.eval_shape(init, jax.random.key(0))
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
