@@ -116,6 +116,8 @@ def logical_to_shardings(abstract_tree: Any, mesh: Mesh, rules: Sequence[tuple[s
   replicated = []
 
   def to_sharding(path, spec, leaf):
+    if leaf is None:
+      return None
     if not isinstance(spec, P):
       spec = P()
     fitted = _fit_spec_to_shape(spec, tuple(leaf.shape), mesh)
@@ -134,3 +136,23 @@ def logical_to_shardings(abstract_tree: Any, mesh: Mesh, rules: Sequence[tuple[s
 def with_logical_constraint(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Activation sharding constraint by logical names; a no-op outside a mesh / rules context."""
   return nn.with_logical_constraint(x, tuple(logical_axes))
+
+
+class LogicalParam(nn.LogicallyPartitioned):
+  """A logically-partitioned parameter box whose unboxing never adds a sharding constraint.
+
+  Flax re-runs parameter initialisers under `jax.eval_shape` during `apply` to check shapes; `DenseGeneral`
+  unboxes its flat kernel before reshaping it, which under a mesh would constrain a rank-2 array with rank-3
+  names. Parameter shardings come from `out_shardings` at init instead, so the constraint is not needed.
+  """
+
+  def unbox(self, apply_constraint=True):
+    del apply_constraint
+    return self.value
+
+
+def logical_init(init_fn, names):
+  """`nn.with_logical_partitioning` with the `LogicalParam` box."""
+  def wrapped(*args, **kwargs):
+    return LogicalParam(init_fn(*args, **kwargs), tuple(names))
+  return wrapped

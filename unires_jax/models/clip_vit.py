@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unires_jax.sharding import with_logical_constraint
+from unires_jax.sharding import with_logical_constraint, logical_init
 
 Dtype = Any
 
@@ -100,8 +100,8 @@ def resize_position_grid(grid: jax.Array, height: int, width: int) -> jax.Array:
 
 def _layer_norm(config: ClipVitConfig, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, name=name,
-                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+                      scale_init=logical_init(nn.initializers.ones, ("norm",)),
+                      bias_init=logical_init(nn.initializers.zeros, ("norm",)))
 
 
 class HeadsProjection(nn.Module):
@@ -125,8 +125,8 @@ class HeadsProjection(nn.Module):
       kernel_shape, names, bias_shape = (*heads, self.width), ("heads", "head_dim", "embed"), (self.width,)
       init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
       equation, bias_names = "bnhk,hkd->bnd", ("embed",)
-    kernel = self.param("kernel", nn.with_logical_partitioning(init, names), kernel_shape, self.param_dtype)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_names), bias_shape,
+    kernel = self.param("kernel", logical_init(init, names), kernel_shape, self.param_dtype)
+    bias = self.param("bias", logical_init(nn.initializers.zeros, bias_names), bias_shape,
                       self.param_dtype)
     return jnp.einsum(equation, inputs.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
@@ -162,12 +162,12 @@ class ClipMlp(nn.Module):
   def __call__(self, hidden: jax.Array) -> jax.Array:  # [B, N, D]
     cfg = self.config
     hidden = nn.Dense(cfg.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1",
-                      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(hidden)
+                      kernel_init=logical_init(nn.initializers.lecun_normal(), ("embed", "mlp")),
+                      bias_init=logical_init(nn.initializers.zeros, ("mlp",)))(hidden)
     hidden = with_logical_constraint(quick_gelu(hidden), ("activation_batch", "activation_length", "activation_mlp"))
     return nn.Dense(cfg.width, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2",
-                    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", "embed")),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(hidden)
+                    kernel_init=logical_init(nn.initializers.lecun_normal(), ("mlp", "embed")),
+                    bias_init=logical_init(nn.initializers.zeros, ("embed",)))(hidden)
 
 
 class ClipEncoderLayer(nn.Module):
@@ -219,14 +219,14 @@ class ClipVisionTransformer(nn.Module):
     patches = nn.Conv(
         cfg.width, (cfg.patch_size, cfg.patch_size), strides=(cfg.patch_size, cfg.patch_size), padding="VALID",
         use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embedding",
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+        kernel_init=logical_init(nn.initializers.lecun_normal(),
                                                  (None, None, None, "embed")),
     )(images.astype(self.dtype))  # [B, gh, gw, D]
     patches = einops.rearrange(patches, "b h w d -> b (h w) d")  # [B, N, D]
 
-    class_embedding = self.param("class_embedding", nn.with_logical_partitioning(
+    class_embedding = self.param("class_embedding", logical_init(
         nn.initializers.normal(cfg.width ** -0.5), ("embed",)), (cfg.width,), self.param_dtype)
-    position_embedding = self.param("position_embedding", nn.with_logical_partitioning(
+    position_embedding = self.param("position_embedding", logical_init(
         nn.initializers.normal(0.02), (None, "embed")), (cfg.grid_size ** 2 + 1, cfg.width), self.param_dtype)
     patch_positions = position_embedding[1:]  # [g·g, D]
     if (grid_h, grid_w) != (cfg.grid_size, cfg.grid_size):

@@ -328,7 +328,9 @@ class Llama(nn.Module):
     """[B, L, D] embeddings + [B, L] bool mask → [B, L, D] hidden states after the final norm.
 
     Causal over slots and masked on `attention_mask == False` keys. `positions` default to the real-token count
-    (see the module docstring). With `decode=True` the cache in collection 'cache' is read and extended.
+    (see the module docstring). With `decode=True` the cache in collection 'cache' (from `init_cache`) is read
+    and extended; the caller keeps the slots written over all calls within `max_seq_len` (a traced cache index
+    cannot be checked under jit, and writes past the end would be clamped onto the last slots).
     """
     if input_embeds.ndim != 3 or input_embeds.shape[-1] != self.config.hidden_size:
       raise ValueError(f"Llama input_embeds must be [B, L, {self.config.hidden_size}], got {input_embeds.shape}")

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unires_jax.sharding import logical_init
 from unires_jax.models.clip_vit import ClipVisionTransformer, ClipVitConfig
 from unires_jax.models.convnext import ConvNeXt, ConvNextConfig
 from unires_jax.models.llm import Llama, LlamaConfig
@@ -110,8 +111,8 @@ def slot_attention_mask(attention_mask, token_type, box_masks: Mapping[int, jnp.
 def _conv(features, kernel, name, dtype, param_dtype, use_bias=False):
   return nn.Conv(features, (kernel, kernel), padding="SAME", use_bias=use_bias, dtype=dtype,
                  param_dtype=param_dtype, name=name,
-                 kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                          ("conv_spatial", "conv_spatial", "embed", "mlp")))
+                 kernel_init=logical_init(nn.initializers.lecun_normal(),
+                                                          ("conv_spatial", None, "embed", "mlp")))
 
 
 class DenseNeck(nn.Module):
@@ -123,8 +124,8 @@ class DenseNeck(nn.Module):
   @nn.compact
   def __call__(self, x):
     norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-                                     scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
+                                     scale_init=logical_init(nn.initializers.ones_init(), ("norm",)),
+                                     bias_init=logical_init(nn.initializers.zeros_init(), ("norm",)))
     x = _conv(self.out_channels, 1, "conv1", self.dtype, self.param_dtype)(x)
     x = norm("norm1")(x)
     x = _conv(self.out_channels, 3, "conv2", self.dtype, self.param_dtype)(x)
@@ -142,8 +143,8 @@ class SegHead(nn.Module):
   def __call__(self, x):
     dense = lambda f, names, name: nn.Dense(
         f, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (names[1],)))
+        kernel_init=logical_init(nn.initializers.lecun_normal(), names),
+        bias_init=logical_init(nn.initializers.zeros_init(), (names[1],)))
     x = nn.relu(dense(self.hidden, ("embed", "mlp"), "fc1")(x))
     return dense(self.out, ("mlp", "embed"), "fc2")(x)
 
@@ -163,13 +164,13 @@ class UniRES(nn.Module):
     self.seg_head = SegHead(cfg.llm.hidden_size, decoder_dim, dtype=dtype, param_dtype=param_dtype)
     self.visual_key_proj = nn.Dense(
         decoder_dim, dtype=dtype, param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)))
+        kernel_init=logical_init(nn.initializers.lecun_normal(), ("embed", "mlp")),
+        bias_init=logical_init(nn.initializers.zeros_init(), ("mlp",)))
     self.dynamic_query = nn.MultiHeadDotProductAttention(
         num_heads=cfg.mask_decoder.num_heads, qkv_features=decoder_dim, out_features=decoder_dim, dtype=dtype,
         param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "heads", "head_dim")),
-        out_kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+        kernel_init=logical_init(nn.initializers.lecun_normal(), ("embed", "heads", "head_dim")),
+        out_kernel_init=logical_init(nn.initializers.lecun_normal(),
                                                      ("heads", "head_dim", "embed")))
     self.dense_neck = DenseNeck(decoder_dim, dtype=dtype, param_dtype=param_dtype)
     self.mask_decoder = MaskDecoder(cfg.mask_decoder, dtype=dtype, param_dtype=param_dtype)

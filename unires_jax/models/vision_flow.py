@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from einops import reduce
 
+from unires_jax.sharding import logical_init
 from unires_jax.models.roi_align import roi_align
 
 GRANULARITIES = ("image", "object", "part")
@@ -42,8 +43,8 @@ class VisionFlowConfig:
 
 def _dense(features: int, names: tuple[str, str], dtype, param_dtype, name: str) -> nn.Dense:
   return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
-                  kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (names[1],)))
+                  kernel_init=logical_init(nn.initializers.lecun_normal(), names),
+                  bias_init=logical_init(nn.initializers.zeros_init(), (names[1],)))
 
 
 class Projector(nn.Module):
@@ -93,7 +94,7 @@ class MultiGranularityVisionFlow(nn.Module):
     stage_features = high_res_features[cfg.roi_feature_stage]
     granularity_embedding = self.param(
         "granularity_embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+        logical_init(nn.initializers.normal(0.02), (None, "embed")),
         (len(GRANULARITIES), self.llm_width), self.param_dtype).astype(self.dtype)
 
     tokens = {

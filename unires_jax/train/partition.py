@@ -10,6 +10,7 @@ import re
 from typing import Any, Sequence
 
 import jax
+from flax.core import meta
 
 
 def param_path(path) -> str:
@@ -38,10 +39,17 @@ def trainable_mask(params: Any, trainable: Sequence[str] = (".*",), frozen: Sequ
                   and not any(p.match(path) for p in frozen_re), params)
 
 
+def _is_boxed(x) -> bool:
+  return isinstance(x, meta.AxisMetadata)
+
+
 def split(params: Any, mask: Any) -> tuple[Any, Any]:
-  """(trainable, frozen): the same tree twice, with `None` where a leaf belongs to the other part."""
-  trainable = jax.tree.map(lambda x, m: x if m else None, params, mask)
-  frozen = jax.tree.map(lambda x, m: None if m else x, params, mask)
+  """(trainable, frozen): the same tree twice, with `None` where a leaf belongs to the other part.
+
+  Logically-partitioned boxes (during init) count as leaves, so their metadata travels with them.
+  """
+  trainable = jax.tree.map(lambda x, m: x if m else None, params, mask, is_leaf=_is_boxed)
+  frozen = jax.tree.map(lambda x, m: None if m else x, params, mask, is_leaf=_is_boxed)
   return trainable, frozen
 
 

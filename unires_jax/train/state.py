@@ -39,10 +39,17 @@ def batch_shardings(batch: dict, mesh: Mesh) -> dict:
 
 
 def make_init_fn(model: UniRES, optimizer: optax.GradientTransformation | None, mask_fn: Callable[[Any], Any],
-                 batch: dict) -> Callable[[jax.Array], TrainState]:
-  """init(rng) → TrainState with logically-boxed leaves (unboxed by the caller after sharding is decided)."""
+                 batch: dict, extra_params_fn: Callable[[Any, jax.Array], dict] | None = None
+                 ) -> Callable[[jax.Array], TrainState]:
+  """init(rng) → TrainState with logically-boxed leaves (unboxed by the caller after sharding is decided).
+
+  `extra_params_fn(params, rng) -> {name: subtree}` adds parameters outside the model (e.g. LoRA factors).
+  """
   def init(rng):
-    params = model.init(rng, batch)["params"]
+    model_rng, extra_rng = jax.random.split(rng)
+    params = dict(model.init(model_rng, batch)["params"])
+    if extra_params_fn is not None:
+      params.update(extra_params_fn(nn.meta.unbox(params), extra_rng))
     opt_state = None
     if optimizer is not None:
       trainable, _ = partition.split(params, mask_fn(params))
@@ -57,22 +64,24 @@ def _unboxed_mask_fn(trainable, frozen):
   return mask_fn
 
 
-def abstract_train_state(model: UniRES, batch: dict, optimizer=None, trainable=(".*",), frozen=()) -> TrainState:
+def abstract_train_state(model: UniRES, batch: dict, optimizer=None, trainable=(".*",), frozen=(),
+                         extra_params_fn=None) -> TrainState:
   """ShapeDtypeStructs of the (boxed) state, no memory allocated."""
-  init = make_init_fn(model, optimizer, _unboxed_mask_fn(trainable, frozen), batch)
+  init = make_init_fn(model, optimizer, _unboxed_mask_fn(trainable, frozen), batch, extra_params_fn)
   return jax.eval_shape(init, jax.random.key(0))
 
 
 def create_sharded_state(model: UniRES, batch: dict, mesh: Mesh, rules, rng: jax.Array,
                          optimizer: optax.GradientTransformation | None = None, trainable=(".*",),
-                         frozen=()) -> tuple[TrainState, Any]:
+                         frozen=(), extra_params_fn=None) -> tuple[TrainState, Any]:
   """(state, state_shardings): parameters and optimizer state created directly in their shardings."""
-  init = make_init_fn(model, optimizer, _unboxed_mask_fn(trainable, frozen), batch)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract = jax.eval_shape(init, rng)
-    state_shardings = sharding.logical_to_shardings(abstract, mesh, rules)
-    unboxed_init = lambda r: nn.meta.unbox(init(r))
-    state = jax.jit(unboxed_init, out_shardings=state_shardings)(rng)
+  init = make_init_fn(model, optimizer, _unboxed_mask_fn(trainable, frozen), batch, extra_params_fn)
+  # Initialisation runs outside the mesh context: parameter shardings come from `out_shardings`, and Flax's
+  # init-time constraints (which see pre-reshape kernels of DenseGeneral) stay inert.
+  abstract = jax.eval_shape(init, rng)
+  state_shardings = sharding.logical_to_shardings(abstract, mesh, rules)
+  unboxed_init = lambda r: nn.meta.unbox(init(r))
+  state = jax.jit(unboxed_init, out_shardings=state_shardings)(rng)
   return state, state_shardings
 
 

@@ -14,18 +14,19 @@ from unires_jax.train import partition
 from unires_jax.train.state import TrainState
 
 
-def make_loss_fn(model: UniRES, loss_weights: dict) -> Callable:
+def make_loss_fn(model: UniRES, loss_weights: dict, params_transform: Callable = lambda p: p) -> Callable:
+  """`params_transform` maps the stored parameters to the model's (e.g. merging LoRA factors)."""
   def loss_fn(params, batch, rng):
-    outputs = model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})
+    outputs = model.apply({"params": params_transform(params)}, batch, train=True, rngs={"dropout": rng})
     loss, parts = losses.total_loss(outputs, batch, weights=loss_weights)
     return loss, parts
   return loss_fn
 
 
 def make_train_step(model: UniRES, optimizer: optax.GradientTransformation, mask: Any, loss_weights: dict,
-                    schedule: optax.Schedule | None = None) -> Callable:
+                    schedule: optax.Schedule | None = None, params_transform: Callable = lambda p: p) -> Callable:
   """The pure update. Gradients are taken w.r.t. the trainable parameters only; frozen ones get none."""
-  loss_fn = make_loss_fn(model, loss_weights)
+  loss_fn = make_loss_fn(model, loss_weights, params_transform)
 
   def train_step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(rng, state.step)
@@ -46,8 +47,8 @@ def make_train_step(model: UniRES, optimizer: optax.GradientTransformation, mask
   return train_step
 
 
-def make_eval_step(model: UniRES, loss_weights: dict) -> Callable:
-  loss_fn = make_loss_fn(model, loss_weights)
+def make_eval_step(model: UniRES, loss_weights: dict, params_transform: Callable = lambda p: p) -> Callable:
+  loss_fn = make_loss_fn(model, loss_weights, params_transform)
 
   def eval_step(params, batch) -> dict:
     loss, parts = loss_fn(params, batch, jax.random.key(0))

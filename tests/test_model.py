@@ -1,0 +1,159 @@
+"""The assembled UniRES model: sharded == single device, frozen groups, bad input, the 7B config's shapes."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+
+from configs import common, tiny, unires_7b
+from unires_jax import sharding
+from unires_jax.models import losses
+from unires_jax.models.example_batch import example_batch
+from unires_jax.models.unires import UniRESConfig, insert_visual_tokens, slot_attention_mask
+from unires_jax.train import partition, state as state_lib, step as step_lib
+
+WEIGHTS = dict(ce=1.0, bce=2.0, dice=0.5)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  config = tiny.get_config()
+  model = state_lib.build_model(config.model)
+  batch = example_batch(model.config, batch_size=8, seed=1)
+  params = jax.jit(lambda r: nn.meta.unbox(model.init(r, batch)["params"]))(jax.random.key(0))
+  return config, model, batch, params
+
+
+def _loss_and_grads(model, params, batch):
+  def loss_fn(p):
+    return losses.total_loss(model.apply({"params": p}, batch), batch, WEIGHTS)[0]
+  return jax.value_and_grad(loss_fn)(params)
+
+
+@pytest.mark.parametrize("mesh_shape", [dict(data=2, fsdp=4, tensor=1), dict(data=2, fsdp=1, tensor=4)])
+def test_sharded_forward_and_grad_equal_single_device(setup, mesh_shape):
+  config, model, batch, params = setup
+  single_out = jax.jit(model.apply)({"params": params}, batch)
+  single_loss, single_grads = jax.jit(lambda p: _loss_and_grads(model, p, batch))(params)
+
+  mesh = sharding.make_mesh(common.mesh_config(**mesh_shape))
+  rules = sharding.rules_from_config(config.sharding_rules)
+  sharded_params, shardings = state_lib.create_sharded_state(model, batch, mesh, rules, jax.random.key(0))
+  sharded_params = sharded_params.params
+  # Same initialisation whatever the mesh.
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, sharded_params)
+  batch_sh = state_lib.batch_shardings(batch, mesh)
+  global_batch = {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    out = jax.jit(model.apply)({"params": sharded_params}, global_batch)
+    loss, grads = jax.jit(lambda p, b: _loss_and_grads(model, p, b))(sharded_params, global_batch)
+  for key in ("logits", "mask_logits", "iou_pred"):
+    np.testing.assert_allclose(np.asarray(out[key]), np.asarray(single_out[key]), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), float(single_loss), rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4),
+               grads, single_grads)
+
+  # Parameters really are sharded as the rules say.
+  axis = "fsdp" if mesh_shape["fsdp"] > 1 else "tensor"
+  llm = sharded_params["llm"]
+  flat = {partition.param_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(sharded_params)[0]}
+  sharded_names = [k for k, x in flat.items() if isinstance(x.sharding, NamedSharding)
+                   and any(axis in (s if isinstance(s, tuple) else (s,)) for s in x.sharding.spec if s)]
+  assert sharded_names, f"no parameter is sharded over {axis}"
+  embed = jax.tree.leaves(llm["embed_tokens"])[0]
+  expected_axis = "tensor" if axis == "tensor" else "fsdp"
+  assert expected_axis in jax.tree.leaves(tuple(embed.sharding.spec)), embed.sharding.spec
+  # A sharded parameter's local shard is smaller than the global array.
+  assert embed.addressable_shards[0].data.size < embed.size
+
+
+def test_frozen_groups_get_no_gradient(setup):
+  config, model, batch, params = setup
+  mask = partition.trainable_mask(params, trainable=[".*"], frozen=["vision_low/.*", "vision_high/.*"])
+  grads = step_lib.grads_for(model, params, mask, batch, WEIGHTS)
+  flat_grads = {partition.param_path(p): g for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+  flat_params = {partition.param_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  frozen = [k for k in flat_params if k.startswith(("vision_low/", "vision_high/"))]
+  assert frozen and not any(k in flat_grads for k in frozen)
+  trainable = [k for k in flat_params if k not in frozen]
+  assert set(flat_grads) == set(trainable)
+  zero = [k for k in trainable if not np.any(np.asarray(flat_grads[k]))]
+  assert not zero, f"trainable parameters without gradient: {zero}"
+
+
+def test_all_parameters_get_gradients_when_nothing_is_frozen(setup):
+  config, model, batch, params = setup
+  mask = partition.trainable_mask(params)
+  grads = step_lib.grads_for(model, params, mask, batch, WEIGHTS)
+  zero = [partition.param_path(p) for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]
+          if not np.any(np.asarray(g))]
+  assert not zero, f"parameters without gradient: {zero}"
+
+
+def test_visual_tokens_land_in_their_slots():
+  text = jnp.zeros((1, 6, 2))
+  token_type = jnp.array([[0, 1, 1, 0, 2, 0]])
+  image = jnp.array([[[1.0, 1.0], [2.0, 2.0]]])
+  obj = jnp.array([[[7.0, 7.0]]])
+  out = insert_visual_tokens(text, token_type, {1: image, 2: obj})
+  np.testing.assert_array_equal(out[0, :, 0], [0, 1, 2, 0, 7, 0])
+  mask = slot_attention_mask(jnp.ones((1, 6), bool), token_type, {2: jnp.array([[False]])})
+  np.testing.assert_array_equal(mask[0], [True, True, True, True, False, True])
+
+
+def test_padded_boxes_do_not_change_the_output(setup):
+  """Moving a padded (masked) box anywhere leaves every output unchanged."""
+  config, model, batch, params = setup
+  moved = dict(batch)
+  boxes = batch["object_boxes"].copy()
+  boxes[~batch["object_box_mask"]] = [1.0, 2.0, 30.0, 40.0]
+  moved["object_boxes"] = boxes
+  a = jax.jit(model.apply)({"params": params}, batch)
+  b = jax.jit(model.apply)({"params": params}, moved)
+  for key in a:
+    np.testing.assert_allclose(np.asarray(a[key]), np.asarray(b[key]), atol=1e-6)
+
+
+def test_bad_inputs_fail_clearly(setup):
+  config, model, batch, params = setup
+  bad = dict(batch, image_high=np.zeros((8, 96, 96, 3), np.float32))
+  with pytest.raises(ValueError, match="image_high"):
+    model.apply({"params": params}, bad)
+  too_many = example_batch(model.config, batch_size=2)
+  too_many["object_boxes"] = np.zeros((2, 9, 4), np.float32)
+  too_many["object_box_mask"] = np.ones((2, 9), bool)
+  with pytest.raises(ValueError, match="maximum is 4"):
+    model.apply({"params": params}, too_many)
+  mesh = sharding.make_mesh(common.mesh_config(data=2, fsdp=4))
+  with pytest.raises(ValueError, match="batch size 6"):
+    sharding.check_batch_fits_mesh(6, mesh)
+  cfg = tiny.get_config()
+  cfg.model.llm.unlock() if hasattr(cfg.model.llm, "unlock") else None
+  with pytest.raises(KeyError, match="num_layer"):
+    d = cfg.model.to_dict()
+    d["llm"]["num_layer"] = 3
+    UniRESConfig.from_config(d)
+  with pytest.raises(KeyError, match="colour"):
+    UniRESConfig.from_config(dict(cfg.model.to_dict(), colour="red"))
+  with pytest.raises(ValueError, match="needs 16 devices"):
+    sharding.make_mesh(common.mesh_config(data=4, fsdp=4))
+
+
+def test_7b_config_shapes_and_shardings_without_memory():
+  config = unires_7b.get_config()
+  model = state_lib.build_model(config.model)
+  batch = state_lib.abstract_batch(config.model, batch_size=8, seq_len=1024)
+  abstract = state_lib.abstract_train_state(model, batch)
+  params = nn.meta.unbox(abstract.params)
+  counts = {name: partition.count(sub) for name, sub in params.items()}
+  llm = counts["llm"]
+  assert 6.6e9 < llm < 7.0e9, counts  # LLaMA-7B: 6.74B (+ the special-token rows)
+  assert 2.8e8 < counts["vision_low"] < 3.2e8, counts  # CLIP ViT-L/14: 303M
+  assert 1.8e8 < counts["vision_high"] < 2.1e8, counts  # ConvNeXt-L: 196M
+  mesh = jax.sharding.AbstractMesh((1, 8, 1), sharding.MESH_AXES)
+  specs = nn.logical_to_mesh(nn.get_partition_spec(abstract.params), sharding.rules_from_config(config.sharding_rules))
+  q_spec = jax.tree.leaves(specs["llm"], is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  assert any("fsdp" in jax.tree.leaves(tuple(s)) for s in q_spec)
+  del mesh
