@@ -3,6 +3,7 @@ samples independent, the config contract and the logical axis names."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -18,6 +19,8 @@ from unires_jax.models.mask_decoder import (DensePromptEncoder, MaskDecoder, Mas
                                             RandomFourierEmbedding)
 
 CFG = MaskDecoderConfig(**common.model_config("tiny").mask_decoder.to_dict())
+# One two-way block keeps compile times short; the depth-2 stack is checked against HF in test_sam_parity.py.
+CFG = dataclasses.replace(CFG, depth=1)
 LOGICAL_NAMES = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", "norm", "conv_spatial", None}
 
 
@@ -30,7 +33,7 @@ def _inputs(batch=2, height=4, width=4, queries=2, seed=0):
 @pytest.fixture(scope="module")
 def variables():
   image, sparse = _inputs()
-  return MaskDecoder(CFG).init(jax.random.key(0), image, sparse)
+  return jax.jit(MaskDecoder(CFG).init)(jax.random.key(0), image, sparse)
 
 
 @pytest.mark.parametrize("size", common.MODEL_SIZES)
@@ -79,8 +82,8 @@ def test_random_fourier_embedding_hand_computed():
 
 def test_dense_positional_encoding_is_x_then_y_at_pixel_centres():
   encoder = DensePromptEncoder(CFG)
-  params = encoder.init(jax.random.key(1), 3, 5)
-  image_pe, dense_prompt = encoder.apply(params, 3, 5)  # non-square to catch a swapped axis
+  params = jax.jit(encoder.init, static_argnums=(1, 2))(jax.random.key(1), 3, 5)
+  image_pe, dense_prompt = jax.jit(encoder.apply, static_argnums=(1, 2))(params, 3, 5)  # non-square to catch a swapped axis
   assert image_pe.shape == (3, 5, CFG.transformer_dim)
   matrix = np.asarray(nn.meta.unbox(params)["params"]["shared_embedding"]["positional_embedding"])
   row, col = 2, 1
@@ -107,8 +110,9 @@ def test_every_parameter_has_logical_names(variables):
 def test_outputs_select_sam_tokens_and_every_weight_is_used(variables):
   image, sparse = _inputs()
   decoder = MaskDecoder(CFG)
-  single_masks, single_iou = decoder.apply(variables, image, sparse)
-  multi_masks, multi_iou = decoder.apply(variables, image, sparse, True)
+  apply = jax.jit(decoder.apply, static_argnums=3)
+  single_masks, single_iou = apply(variables, image, sparse, False)
+  multi_masks, multi_iou = apply(variables, image, sparse, True)
   assert single_masks.shape == (2, 1, 16, 16) and multi_masks.shape == (2, 3, 16, 16)
   assert single_iou.shape == (2, 1) and multi_iou.shape == (2, 3)
   # Token 0 (single) and tokens 1..3 (multi) come from different hypernetworks.
@@ -120,16 +124,16 @@ def test_outputs_select_sam_tokens_and_every_weight_is_used(variables):
     m_masks, m_iou = decoder.apply(v, image, sparse, True)
     return (s_masks.sum() + m_masks.sum() + s_iou.sum() + m_iou.sum()) * 1e-3
 
-  grads = flatten_params(nn.meta.unbox(jax.grad(objective)(variables["params"])))
+  grads = flatten_params(nn.meta.unbox(jax.jit(jax.grad(objective))(variables["params"])))
   dead = [path for path, g in grads.items() if float(jnp.abs(g).max()) == 0.0]
   assert not dead
 
 
 def test_samples_are_independent(variables):
   image, sparse = _inputs(batch=2)
-  decoder = MaskDecoder(CFG)
-  both_masks, both_iou = decoder.apply(variables, image, sparse)
-  first_masks, first_iou = decoder.apply(variables, image[:1], sparse[:1])
+  apply = jax.jit(MaskDecoder(CFG).apply)
+  both_masks, both_iou = apply(variables, image, sparse)
+  first_masks, first_iou = apply(variables, image[:1], sparse[:1])
   np.testing.assert_allclose(np.asarray(both_masks[:1]), np.asarray(first_masks), atol=1e-5)
   np.testing.assert_allclose(np.asarray(both_iou[:1]), np.asarray(first_iou), atol=1e-5)
 
@@ -154,8 +158,8 @@ def test_sharded_equals_unsharded(variables):
 
 def test_bfloat16_compute_tracks_float32(variables):
   image, sparse = _inputs()
-  want_masks, _ = MaskDecoder(CFG).apply(variables, image, sparse)
-  got_masks, got_iou = MaskDecoder(CFG, dtype=jnp.bfloat16).apply(variables, image, sparse)
+  want_masks, _ = jax.jit(MaskDecoder(CFG).apply)(variables, image, sparse)
+  got_masks, got_iou = jax.jit(MaskDecoder(CFG, dtype=jnp.bfloat16).apply)(variables, image, sparse)
   assert got_masks.dtype == jnp.float32 and got_iou.dtype == jnp.float32
   scale = float(jnp.abs(want_masks).max())
   assert float(jnp.abs(got_masks - want_masks).max()) < 0.1 * scale
