@@ -1,0 +1,169 @@
+"""Builds UniRES params from pretrained PyTorch parts; everything not supplied is initialised fresh.
+
+    python scripts/import_pretrained.py --config configs/unires_7b.py --out /ckpt/init \
+        --llm /hf/vicuna-7b --vision-tower /hf/clip-vit-large-patch14-336 \
+        --convnext /hf/convnext_large_clip.safetensors --sam /hf/sam-vit-huge
+
+Each part is read tensor by tensor (safetensors `safe_open`, or `.bin` via `torch.load(weights_only=True)`), mapped
+through its table in `unires_jax/convert/`, checked against `jax.eval_shape` of the model (the first mismatching
+tensor is named) and placed into its sharding. Writes `OUT/params` (Orbax), `OUT/config.json` and
+`OUT/import_report.json` (every parameter: imported from which tensor, or initialised). Training starts from it
+with `train.init_from=OUT` (see docs/conversion.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Mapping
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+
+from unires_jax import sharding  # noqa: E402
+from unires_jax.convert import checkpoints, mapping  # noqa: E402
+from unires_jax.convert.clip_vit import clip_vit_table  # noqa: E402
+from unires_jax.convert.convnext import convnext_hf_table, convnext_timm_table  # noqa: E402
+from unires_jax.convert.llama import llama_table  # noqa: E402
+from unires_jax.convert.sam import POSITIONAL, SKIPPED, TIED_POSITIONAL, sam_decoder_table  # noqa: E402
+from unires_jax.convert.unires import prefixed  # noqa: E402
+from unires_jax.models.example_batch import example_batch  # noqa: E402
+from unires_jax.models.unires import UniRES, UniRESConfig  # noqa: E402
+
+PARTS = ("llm", "vision_tower", "convnext", "sam")
+# Buffers and heads that checkpoints carry beside the weights this model uses.
+LLAMA_UNUSED = (r"model\.rotary_emb\.inv_freq", r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+CLIP_UNUSED = (r"(?!vision_model\.).*", r"vision_model\.embeddings\.position_ids")
+
+
+class _Aliased(Mapping):
+  """A reader that also answers `alias` with the tensor stored as `target` (SAM's tied positional matrix)."""
+
+  def __init__(self, reader: Mapping, alias: str, target: str):
+    self.reader, self.alias, self.target = reader, alias, target
+
+  def __getitem__(self, name):
+    return self.reader[self.target if name == self.alias else name]
+
+  def __iter__(self):
+    yield from self.reader
+    if self.alias not in self.reader:
+      yield self.alias
+
+  def __len__(self):
+    return len(self.reader) + (self.alias not in self.reader)
+
+  def __contains__(self, name):
+    return name in self.reader or (name == self.alias and self.target in self.reader)
+
+
+def part_source(part: str, path: str, cfg: UniRESConfig) -> dict:
+  """The table (JAX paths under the model's keys), reader, layer count and allowed leftovers of one part."""
+  reader = checkpoints.TensorReader(path)
+  if part == "llm":
+    allowed = LLAMA_UNUSED + ((r"lm_head\.weight",) if cfg.llm.tie_embeddings else ())
+    return dict(entries=prefixed(llama_table(cfg.llm), "llm", ""), reader=reader,
+                num_layers=cfg.llm.num_layers if cfg.llm.scan_layers else 0, allow_unused=allowed)
+  if part == "vision_tower":
+    return dict(entries=prefixed(clip_vit_table(cfg.vit, prefix="vision_model."), "vision_low", ""), reader=reader,
+                num_layers=cfg.vit.depth, allow_unused=CLIP_UNUSED)
+  if part == "convnext":
+    names = set(reader)
+    if any(n.startswith("visual.trunk.") for n in names):  # an open_clip CLIP checkpoint
+      table, allowed = convnext_timm_table(cfg.convnext, "visual.trunk."), (r"(?!visual\.trunk\.).*",
+                                                                           r"visual\.trunk\.head\.fc\..*")
+    elif "stem.0.weight" in names:  # timm
+      table, allowed = convnext_timm_table(cfg.convnext), (r"head\.fc\..*",)
+    elif "convnext.embeddings.patch_embeddings.weight" in names:  # ConvNextForImageClassification
+      table, allowed = prefixed(convnext_hf_table(cfg.convnext), "", "convnext."), (r"classifier\..*",)
+    else:  # ConvNextModel
+      table, allowed = convnext_hf_table(cfg.convnext), ()
+    return dict(entries=prefixed(table, "vision_high", ""), reader=reader, num_layers=0, allow_unused=allowed)
+  if part == "sam":
+    return dict(entries=prefixed(sam_decoder_table(cfg.mask_decoder), "mask_decoder", ""),
+                reader=_Aliased(reader, POSITIONAL, TIED_POSITIONAL), num_layers=0, allow_unused=SKIPPED)
+  raise ValueError(f"unknown part {part!r}; expected one of {PARTS}")
+
+
+def import_pretrained(config: ml_collections.ConfigDict, out_dir: str, sources: Mapping[str, str | None],
+                      seed: int = 0) -> dict:
+  """Imports the given parts (`{part: path}`), initialises the rest, writes `out_dir`; returns the report."""
+  start = time.perf_counter()
+  model = UniRES(UniRESConfig.from_config(config.model))
+  cfg = model.config
+  batch = example_batch(cfg, 1)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.sharding_rules)
+
+  def init(rng):
+    return model.init(rng, batch)["params"]
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(init, jax.random.key(seed))
+    shardings = mapping.flatten_params(sharding.logical_to_shardings(boxed, mesh, rules))
+  abstract = mapping.flatten_params(nn.meta.unbox(boxed))
+
+  flat: dict[str, jax.Array] = {}
+  mapped_rows: list[dict] = []
+  for part in PARTS:
+    path = sources.get(part)
+    if not path:
+      continue
+    source = part_source(part, path, cfg)
+    arrays, rows = checkpoints.stream_import(source["entries"], source["reader"], source["num_layers"], abstract,
+                                             shardings, f"{part} checkpoint {path}", source["allow_unused"])
+    flat.update(arrays)
+    mapped_rows += rows
+
+  fresh_paths = sorted(set(abstract) - set(flat))
+  if fresh_paths:
+    # Only the parameters not imported are computed: XLA drops the rest of the initialiser.
+    def init_fresh(rng):
+      everything = mapping.flatten_params(nn.meta.unbox(init(rng)))
+      return {p: everything[p] for p in fresh_paths}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      flat.update(jax.jit(init_fresh, out_shardings={p: shardings[p] for p in fresh_paths})(jax.random.key(seed)))
+
+  os.makedirs(out_dir, exist_ok=True)
+  checkpoints.save_params(out_dir, mapping.unflatten_params(flat))
+  with open(os.path.join(out_dir, checkpoints.CONFIG_FILE), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  report = {
+      "sources": {k: v for k, v in sources.items() if v},
+      "num_params": int(sum(a.size for a in abstract.values())),
+      "num_imported_tensors": len(mapped_rows),
+      "num_initialised_tensors": len(fresh_paths),
+      "imported": mapped_rows,
+      "initialised": [{"param": p, "shape": list(abstract[p].shape)} for p in fresh_paths],
+      "seconds": time.perf_counter() - start,
+  }
+  with open(os.path.join(out_dir, "import_report.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  return report
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--config", required=True, help="configs/X.py[:arg]")
+  parser.add_argument("--out", required=True, help="output folder (params/, config.json, import_report.json)")
+  parser.add_argument("--llm", help="LlamaForCausalLM folder or weight file")
+  parser.add_argument("--vision-tower", help="CLIPVisionModel / CLIPModel folder or weight file")
+  parser.add_argument("--convnext", help="ConvNeXt weights: timm, open_clip (visual.trunk.) or HF ConvNext keys")
+  parser.add_argument("--sam", help="SamModel folder or weight file")
+  parser.add_argument("--seed", type=int, default=0, help="seed of the freshly initialised parameters")
+  args = parser.parse_args(argv)
+  config = checkpoints.config_from_file(args.config)
+  sources = {"llm": args.llm, "vision_tower": args.vision_tower, "convnext": args.convnext, "sam": args.sam}
+  report = import_pretrained(config, args.out, sources, args.seed)
+  print(f"imported {report['num_imported_tensors']} tensors, initialised {report['num_initialised_tensors']}, "
+        f"{report['num_params']:,} parameters in {report['seconds']:.1f}s → {args.out}")
+
+
+if __name__ == "__main__":
+  main()
