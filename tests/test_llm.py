@@ -152,10 +152,10 @@ def test_padding_does_not_change_real_positions():
   assert np.isfinite(left_out).all()  # fully masked leading queries stay finite
 
 
-@pytest.mark.parametrize("scan", [True, False])
-def test_kv_cache_decoding_equals_full_forward(scan):
+@pytest.mark.parametrize("scan, remat", [(True, "nothing_saveable"), (False, "none")])
+def test_kv_cache_decoding_equals_full_forward(scan, remat):
   """Prefill a right-padded batch of different prompt lengths, then step token by token."""
-  cfg = dataclasses.replace(CFG, scan_layers=scan)
+  cfg = dataclasses.replace(CFG, scan_layers=scan, remat_policy=remat)
   params = _init(cfg)
   model = llm.Llama(cfg)
   prompt_lengths, prompt_width, steps = (3, 6), 6, 4
