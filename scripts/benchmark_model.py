@@ -48,10 +48,11 @@ def optim_config(total_steps: int = 1000) -> ml_collections.ConfigDict:
 
 class Setup:
   """A model of one size with its AdamW train state on a data-parallel mesh, a random batch, and jitted
-  (not yet compiled) forward and train-step functions."""
+  (not yet compiled) forward and train-step functions. `donate_state` donates the state to the train step, as
+  the training loop does (then each call must be given the state the previous one returned)."""
 
   def __init__(self, model_cfg: ml_collections.ConfigDict, batch_size: int, seed: int = 0,
-               materialize: bool = True):
+               materialize: bool = True, donate_state: bool = False):
     self.model_cfg = model_cfg
     self.batch_size = batch_size
     self.mesh = sharding.make_mesh(common.mesh_config(data=-1))
@@ -86,7 +87,8 @@ class Setup:
 
     self.forward = jax.jit(forward, in_shardings=(self.state_shardings.params, batch_sharding))
     self.train_step = jax.jit(train_step, in_shardings=(self.state_shardings, batch_sharding, replicated),
-                              out_shardings=(self.state_shardings, replicated))
+                              out_shardings=(self.state_shardings, replicated),
+                              donate_argnums=(0,) if donate_state else ())
 
   def context(self):
     """The mesh and logical-axis rules every trace of the model runs under."""

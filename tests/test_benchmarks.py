@@ -1,0 +1,58 @@
+"""The model and training benchmarks run end to end on the tiny config and write positive, consistent figures."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from scripts import benchmark_model, benchmark_train
+
+
+def _positive(value) -> bool:
+  return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.slow
+def test_benchmark_model_tiny(tmp_path):
+  out = tmp_path / "model.json"
+  benchmark_model.main(["--out", str(out), "--sizes", "tiny", "--repeats", "1", "--depths", "2",
+                        "--unscanned-depths", "", "--matmul-size", "256"])
+  report = json.loads(out.read_text())
+  assert set(report) >= {"date", "machine", "matmul_peak_flops_per_s", "sizes", "depth_compile"}
+  assert _positive(report["matmul_peak_flops_per_s"])
+  (tiny,) = report["sizes"]
+  assert tiny["size"] == "tiny" and tiny["batch_size"] == 8
+  for part in ("forward", "train_step"):
+    figures = tiny[part]
+    for key in ("compile_s", "step_s", "flops", "flops_per_s", "mfu"):
+      assert _positive(figures[key]), (part, key, figures[key])
+    # The reported rate is exactly FLOPs ÷ time, and MFU that rate ÷ the measured peak.
+    assert figures["flops_per_s"] == pytest.approx(figures["flops"] / figures["step_s"])
+    assert figures["mfu"] == pytest.approx(figures["flops_per_s"] / report["matmul_peak_flops_per_s"])
+  # A train step is forward + backward + update: more work than a forward pass.
+  assert tiny["train_step"]["flops"] > 2 * tiny["forward"]["flops"]
+  (depth,) = report["depth_compile"]
+  assert depth["num_layers"] == 2 and depth["scan_layers"] is True and _positive(depth["train_step_compile_s"])
+  # The depth-2 scanned tiny model is the tiny config itself: same parameter count.
+  assert depth["param_count"] == tiny["param_count"] > tiny["llm_param_count"] > 0
+
+
+@pytest.mark.slow
+def test_benchmark_train_tiny(tmp_path):
+  out = tmp_path / "train.json"
+  benchmark_train.main(["--out", str(out), "--size", "tiny", "--steps", "1"])
+  report = json.loads(out.read_text())
+  assert set(report) >= {"date", "machine", "matmul_peak_flops_per_s", "sizes"}
+  (tiny,) = report["sizes"]
+  for key in ("compile_s", "step_s", "examples_per_s", "flops_per_step", "flops_per_s", "mfu",
+              "peak_host_memory_mb", "param_count"):
+    assert _positive(tiny[key]), (key, tiny[key])
+  assert tiny["examples_per_s"] == pytest.approx(tiny["batch_size"] / tiny["step_s"])
+  assert math.isfinite(tiny["final_loss"])
+
+
+def test_benchmark_train_refuses_a_missing_device(tmp_path):
+  with pytest.raises(RuntimeError, match="--device gpu"):
+    benchmark_train.main(["--out", str(tmp_path / "x.json"), "--size", "1b", "--device", "gpu"])
