@@ -5,18 +5,33 @@ the position that predicts the first answer token) and writes its own answer. A 
 `[SEG]` is predicted no-target (empty mask). The mask prompt is the hidden state that *predicted* `[SEG]`, as in
 training (docs/DESIGN.md). Batched: rows of different prompt lengths prefill together (right padding, masked)
 and then step one token at a time.
+
+Also here: the prompt batch of raw images and phrases (`make_prompt_batch`, built as the input pipeline builds its
+prompts, for `scripts/predict.py`), parameters placed in their shardings (`place_params`), and the model-in-the-loop
+mode of `scripts/eval.py` (`write_predictions`: a checkpoint run over a benchmark's splits).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import json
+import logging
+import os
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from unires_jax import sharding
+from unires_jax.data import pipeline
+from unires_jax.data import records as records_lib
+from unires_jax.data import tokenizer as tokenizer_lib
+from unires_jax.data import transforms
 from unires_jax.models.llm import Llama, init_cache
 from unires_jax.models.unires import DTYPES, UniRES
+
+log = logging.getLogger(__name__)
 
 
 def prompt_end_index(loss_mask: jax.Array) -> jax.Array:
@@ -107,3 +122,197 @@ def decode_answers(tokens: np.ndarray, tokenizer: Any) -> list[str]:
       ids.append(token)
     texts.append(tokenizer.decode(ids))
   return texts
+
+
+# ------------------------------------------------------------------------------------ prompts of raw images
+
+
+def _padded_canvas_boxes(boxes: np.ndarray | None, height: int, width: int, size: int,
+                         max_boxes: int) -> tuple[np.ndarray, np.ndarray]:
+  """Original-pixel boxes [K, 4] (or None) → canvas boxes [max_boxes, 4] and their mask [max_boxes]; the pipeline's
+  choice when there are too many (larger first, `pipeline.select_boxes`)."""
+  boxes = np.zeros((0, 4), np.float32) if boxes is None else np.asarray(boxes, np.float32).reshape(-1, 4)
+  kept, _ = pipeline.select_boxes(boxes, np.zeros((len(boxes),), bool), max_boxes)
+  clipped = np.clip(kept, 0, [width, height, width, height]).astype(np.float32)
+  padded = np.zeros((max_boxes, 4), np.float32)
+  padded[:len(kept)] = transforms.transform_boxes(clipped, height, width, size)
+  mask = np.zeros((max_boxes,), bool)
+  mask[:len(kept)] = True
+  return padded, mask
+
+
+def make_prompt_batch(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer,
+                      images: Sequence[np.ndarray], phrases: Sequence[str],
+                      boxes: Sequence[Mapping[str, Any] | None] | None = None) -> dict[str, np.ndarray]:
+  """A batch (docs/DESIGN.md keys) holding only prompts, for generation on raw images.
+
+  images: uint8 [h, w, 3] each; phrases: the referring expressions; boxes: per image None or
+  {'object': [[x0, y0, x1, y1], ...], 'part': [...]} in original pixels (missing kinds = no proposals, all box
+  masks False). The instruction is `data.instruction_templates[0]`, as the eval pipeline picks it, and the prompt
+  comes from `pipeline.prompt_ids`, so train, eval and inference see the same tokens. `loss_mask` is 1 at the last
+  prompt position only (the one that predicts the first answer token).
+  """
+  if len(images) != len(phrases):
+    raise ValueError(f"make_prompt_batch: {len(images)} images but {len(phrases)} phrases")
+  boxes = [None] * len(images) if boxes is None else list(boxes)
+  if len(boxes) != len(images):
+    raise ValueError(f"make_prompt_batch: {len(images)} images but {len(boxes)} box entries")
+  data = pipeline.DataConfig(**config.data.to_dict())
+  layout = pipeline.Layout.from_config(config)
+  length = layout.max_text_len
+  rows = []
+  for pixels, phrase, image_boxes in zip(images, phrases, boxes):
+    pixels = np.asarray(pixels)
+    height, width = pixels.shape[:2]
+    image_boxes = dict(image_boxes or {})
+    unknown = set(image_boxes) - {"object", "part"}
+    if unknown:
+      raise ValueError(f"boxes: unknown kinds {sorted(unknown)}; expected 'object' and/or 'part'")
+    row = dict(image_low=transforms.preprocess_image(pixels, layout.image_size_low),    # [S_l, S_l, 3]
+               image_high=transforms.preprocess_image(pixels, layout.image_size_high))  # [S_h, S_h, 3]
+    for kind, max_boxes in (("object", layout.max_object_boxes), ("part", layout.max_part_boxes)):
+      row[f"{kind}_boxes"], row[f"{kind}_box_mask"] = _padded_canvas_boxes(
+          image_boxes.get(kind), height, width, layout.image_size_high, max_boxes)
+    instruction = data.instruction_templates[0].format(phrase=phrase.strip())
+    ids, types = pipeline.prompt_ids(tokenizer, layout, instruction)
+    if len(ids) > length:
+      raise ValueError(f"phrase {phrase!r}: the prompt needs {len(ids)} tokens, more than data.max_text_len = "
+                       f"{length}")
+    input_ids = np.full((length,), tokenizer.pad_id, np.int32)  # [L]
+    input_ids[:len(ids)] = ids
+    token_type = np.zeros((length,), np.int32)  # [L]
+    token_type[:len(ids)] = types
+    attention_mask = np.arange(length) < len(ids)  # [L]
+    for slot_type, box_mask in ((pipeline.OBJECT_SLOT, row["object_box_mask"]),
+                                (pipeline.PART_SLOT, row["part_box_mask"])):
+      attention_mask[np.flatnonzero(token_type == slot_type)] &= box_mask
+    target_ids = np.full((length,), tokenizer.pad_id, np.int32)  # [L]
+    target_ids[:-1] = input_ids[1:]
+    loss_mask = np.zeros((length,), np.float32)  # [L]
+    loss_mask[len(ids) - 1] = 1.0
+    row.update(input_ids=input_ids, token_type=token_type, attention_mask=attention_mask, target_ids=target_ids,
+               loss_mask=loss_mask, seg_index=np.int32(0), has_target=np.bool_(False),
+               gt_mask=np.zeros((layout.image_size_high, layout.image_size_high), np.float32))
+    rows.append(row)
+  batch = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+  batch["sample_index"] = np.arange(len(rows), dtype=np.int32)
+  return batch
+
+
+def pad_batch(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+  """Repeats row 0 up to `size` rows, the extra rows marked `sample_index = -1` (as eval padding)."""
+  rows = len(batch["sample_index"])
+  if rows > size:
+    raise ValueError(f"pad_batch: {rows} rows do not fit a batch of {size}")
+  padded = {key: np.concatenate([value, np.repeat(value[:1], size - rows, axis=0)]) for key, value in batch.items()}
+  padded["sample_index"][rows:] = -1
+  return padded
+
+
+def masks_to_original(outputs: Mapping[str, np.ndarray], sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+  """Generation outputs → one bool mask [h, w] per row of `sizes` (empty where no `[SEG]` was generated)."""
+  masks = []
+  for row, (height, width) in enumerate(sizes):
+    if bool(outputs["has_seg"][row]):
+      masks.append(transforms.mask_logits_to_original(np.asarray(outputs["mask_logits"][row]), height, width))
+    else:
+      masks.append(np.zeros((height, width), bool))
+  return masks
+
+
+def overlay(pixels: np.ndarray, mask: np.ndarray, colour=(255, 0, 0), alpha: float = 0.5) -> np.ndarray:
+  """uint8 [h, w, 3]: the image with the mask tinted in `colour`."""
+  out = np.asarray(pixels, np.float32).copy()
+  out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(colour, np.float32)
+  return out.round().astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------- a checkpoint on a mesh
+
+
+def place_params(model: UniRES, model_cfg: ml_collections.ConfigDict, params: Any, mesh, rules) -> Any:
+  """Host params → arrays in the shardings their logical axis names give under `mesh` and `rules`."""
+  from unires_jax.train import state as state_lib
+
+  example = {k: np.zeros(v.shape, v.dtype) for k, v in state_lib.abstract_batch(model_cfg, 1).items()}
+  abstract = jax.eval_shape(lambda rng: model.init(rng, example)["params"], jax.random.key(0))  # boxed
+  shardings = sharding.logical_to_shardings(abstract, mesh, rules)
+  expected = jax.tree_util.tree_structure(shardings)
+  if jax.tree_util.tree_structure(params) != expected:
+    missing = set(jax.tree_util.tree_leaves(jax.tree_util.tree_map_with_path(lambda p, _: jax.tree_util.keystr(p),
+                                                                             shardings)))
+    found = set(jax.tree_util.tree_leaves(jax.tree_util.tree_map_with_path(lambda p, _: jax.tree_util.keystr(p),
+                                                                           params)))
+    raise ValueError(f"checkpoint params do not match the model of its config: missing {sorted(missing - found)[:5]}, "
+                     f"unexpected {sorted(found - missing)[:5]}")
+  return jax.tree.map(lambda value, target: jax.device_put(np.asarray(value), target), params, shardings)
+
+
+def _prepare_splits(config: ml_collections.ConfigDict, cache_dir: str) -> dict[str, str]:
+  """{split: prepared split dir}: the benchmark read through its reader and written as records under `cache_dir`;
+  a split already prepared from the same reader, data_dir and options is reused."""
+  from unires_jax.data import readers
+
+  read = readers.DATASETS.lookup(config.reader)
+  options = {k: v for k, v in config.reader_options.to_dict().items() if v not in ("", None)}
+  source = {"reader": config.reader, "data_dir": os.path.abspath(config.data_dir), "options": options}
+  split_dirs = {}
+  for split in config.splits:
+    split_dir = os.path.join(cache_dir, split)
+    stamp = os.path.join(split_dir, "prepared_from.json")
+    if os.path.exists(stamp):
+      with open(stamp) as f:
+        if json.load(f) == source:
+          split_dirs[split] = split_dir
+          continue
+    records_lib.write_split(read(config.data_dir, split, **options), split_dir, num_shards=1,
+                            dataset=config.dataset, split=split)
+    with open(stamp, "w") as f:
+      json.dump(source, f)
+    split_dirs[split] = split_dir
+  return split_dirs
+
+
+def write_predictions(config: ml_collections.ConfigDict) -> str:
+  """Model-in-the-loop mode of `scripts/eval.py`: runs `config.checkpoint` over `config.splits` of the benchmark
+  in `config.data_dir` and returns the predictions.jsonl it wrote.
+
+  The model, tokenizer and data settings come from the checkpoint's run config; `config.batch_size` is the global
+  eval batch. Under `config.output_dir` (default `<workdir>/eval/step_<N>/<dataset>_<reader>`, filled into the
+  config so the scores land there too): `prepared/<split>/` (records), `generation/predictions.jsonl` and the
+  evaluator's `generation/metrics.json` (scores of the same masks on the prepared records).
+  """
+  from unires_jax.eval import checkpoint_io, evaluators, loop
+  from unires_jax.train import state as state_lib
+
+  if not config.checkpoint:
+    raise ValueError("config.checkpoint is empty: expected a training workdir or checkpoints/<step> folder")
+  if not config.data_dir:
+    raise ValueError("config.data_dir is empty: expected the folder holding the benchmark in its real layout")
+  if not os.path.isdir(config.data_dir):
+    raise FileNotFoundError(f"config.data_dir {config.data_dir!r} does not exist")
+  loaded = checkpoint_io.load_checkpoint(config.checkpoint)
+  output_dir = config.output_dir or os.path.join(loaded.workdir, "eval", f"step_{loaded.step}",
+                                                 f"{config.dataset}_{config.reader}")
+  if not config.output_dir:
+    with config.unlocked():
+      config.output_dir = output_dir
+
+  run_config = loaded.config
+  run_config.data.batch_size = int(config.batch_size)
+  mesh = sharding.make_mesh(run_config.mesh)
+  rules = sharding.rules_from_config(run_config.sharding_rules)
+  sharding.check_batch_fits_mesh(int(config.batch_size), mesh, "config.batch_size")
+  split_dirs = _prepare_splits(config, os.path.join(output_dir, "prepared"))
+
+  model = state_lib.build_model(run_config.model)
+  params = place_params(model, run_config.model, loaded.params, mesh, rules)
+  predict_fn = loop.make_predict_fn(model, run_config, mesh, rules)
+  splits = evaluators.make_eval_splits(run_config, split_dirs, batch_size=int(config.batch_size))
+  generation_dir = os.path.join(output_dir, "generation")
+  evaluator = evaluators.EVALUATORS.lookup(config.type)(predict_fn, splits, dataset=config.dataset,
+                                                        output_dir=generation_dir,
+                                                        allow_missing=bool(config.allow_missing))
+  for name, value in evaluator.run(params):
+    log.info("%s (step %s) %s: %.4f", config.dataset, loaded.step, name, value)
+  return os.path.join(generation_dir, "predictions.jsonl")

@@ -1,0 +1,133 @@
+"""Loads a training run for inference: its config (config.json) and the params of one Orbax step, nothing else.
+
+Only the `params` subtree of the saved train state is read (an Orbax partial restore), so the optimizer state never
+reaches host memory. Data locations in the run's config (the toy tokenizer, prepared splits) are found again when
+the workdir was moved: a path that no longer exists is looked up under the workdir by its trailing components.
+LoRA factors, when the run trained them, are merged into their kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from unires_jax.convert import checkpoints as checkpoints_lib
+from unires_jax.train import lora as lora_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedCheckpoint:
+  """A run's config (data paths resolved, `data.tokenizer_path` set) and its params (numpy, LoRA merged)."""
+  config: ml_collections.ConfigDict
+  params: dict
+  workdir: str
+  step: int | None
+  item_dir: str
+
+
+def _is_array_metadata(node: Any) -> bool:
+  return hasattr(node, "shape") and hasattr(node, "dtype")
+
+
+def restore_params(item_dir: str) -> dict:
+  """The params of an Orbax item as numpy arrays: the `params` subtree of a train state (partial restore, the
+  optimizer state is not read) or the whole tree of a params-only item (`scripts/import_pretrained.py`)."""
+  metadata = ocp.StandardCheckpointer().metadata(item_dir)
+  tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
+  is_state = isinstance(tree, dict) and "params" in tree and "opt_state" in tree
+  params_tree = tree["params"] if is_state else tree
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), params_tree, is_leaf=_is_array_metadata)
+  # Restored onto the host as numpy, whatever mesh wrote the checkpoint.
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_tree,
+                              is_leaf=_is_array_metadata)
+  checkpointer = ocp.PyTreeCheckpointer()
+  if is_state:
+    restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
+        item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
+    return restored["params"]
+  return checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+
+
+def rebase_path(path: str, workdir: str, exists: Callable[[str], bool] = os.path.exists) -> str:
+  """`path` if it exists; else the first existing `workdir/<trailing components of path>` (longest first), so a
+  moved run finds its own files; else `path` unchanged (the caller reports it)."""
+  if not path or exists(path):
+    return path
+  parts = [p for p in os.path.normpath(path).split(os.sep) if p]
+  for start in range(len(parts)):
+    candidate = os.path.join(workdir, *parts[start:])
+    if exists(candidate):
+      return candidate
+  return path
+
+
+def resolve_tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The run's tokenizer model file: `data.tokenizer_path`, else `<data.toy_tokenizer_prefix>.model`, else the toy
+  tokenizer beside the first prepared source; each also looked up under `workdir`. Never trains a new one: a
+  tokenizer other than the run's would give the model different ids."""
+  data = config.data
+  candidates = []
+  if data.get("tokenizer_path"):
+    candidates.append(data.tokenizer_path)
+  else:
+    if data.get("toy_tokenizer_prefix"):
+      candidates.append(data.toy_tokenizer_prefix + ".model")
+    if data.get("sources"):
+      candidates.append(os.path.join(data.sources[0]["dir"], "toy_tokenizer.model"))
+  for candidate in candidates:
+    found = rebase_path(candidate, workdir)
+    if os.path.isfile(found):
+      return found
+  raise FileNotFoundError(f"tokenizer of the run in {workdir!r} not found: looked for {candidates} (from "
+                          f"data.tokenizer_path / data.toy_tokenizer_prefix in its config.json) and for their "
+                          f"trailing components under the workdir")
+
+
+def resolve_run_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """A copy of the run config with its tokenizer resolved into `data.tokenizer_path` and the prepared-split paths
+  (data.sources, eval_splits, evals) rebased onto `workdir` where they moved."""
+  resolved = ml_collections.ConfigDict(config.to_dict())
+  resolved.data.tokenizer_path = resolve_tokenizer_path(config, workdir)
+  resolved.data.sources = [dict(s, dir=rebase_path(s["dir"], workdir)) for s in config.data.get("sources", [])]
+  if "eval_splits" in resolved:
+    resolved.eval_splits = {k: rebase_path(v, workdir) for k, v in config.eval_splits.items()}
+  if "evals" in resolved:
+    for name, eval_cfg in config.evals.items():
+      resolved.evals[name].splits = {k: rebase_path(v, workdir) for k, v in eval_cfg.splits.items()}
+  return resolved
+
+
+def merge_lora_params(params: dict, config: ml_collections.ConfigDict) -> dict:
+  """Params with the run's LoRA factors (if any) merged into their kernels, as numpy."""
+  if lora_lib.LORA_KEY not in params:
+    return params
+  lora_cfg = config.get("train", {}).get("lora", None)
+  if lora_cfg is None:
+    raise ValueError(f"params hold a {lora_lib.LORA_KEY!r} subtree but the run config has no train.lora section "
+                     f"(expected alpha and rank to merge it)")
+  merged = lora_lib.merge_lora(params, float(lora_cfg.alpha), int(lora_cfg.rank))
+  return jax.tree.map(np.asarray, merged)
+
+
+def load_checkpoint(path: str, step: int | None = None) -> LoadedCheckpoint:
+  """Loads a run workdir, its `checkpoints/` folder or one `checkpoints/<step>/` folder (newest step unless
+  `step`); the run's config.json must lie in the workdir."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint {path!r} does not exist (expected a training workdir, its checkpoints/ "
+                            f"folder or a checkpoints/<step>/ folder)")
+  item_dir, run_dir = checkpoints_lib.resolve_params_dir(path, step)
+  if run_dir is None:
+    raise FileNotFoundError(f"checkpoint {path!r}: no {checkpoints_lib.CONFIG_FILE} found in its run directory "
+                            f"(expected <workdir>/{checkpoints_lib.CONFIG_FILE} beside <workdir>/checkpoints/)")
+  step_name = os.path.basename(os.path.dirname(item_dir))
+  config = checkpoints_lib.load_run_config(run_dir)
+  config = resolve_run_paths(config, run_dir)
+  params = merge_lora_params(restore_params(item_dir), config)
+  return LoadedCheckpoint(config=config, params=params, workdir=run_dir,
+                          step=int(step_name) if step_name.isdigit() else None, item_dir=item_dir)
