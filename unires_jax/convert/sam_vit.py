@@ -1,0 +1,102 @@
+"""HF `SamModel` `vision_encoder.*` tensors ↔ `SamVisionEncoder` params (one declarative table, both directions).
+
+The fused qkv Linear `[3D, D]` becomes the per-head kernel `[D, 3, H, Dh]` (and its bias `[3, H, Dh]`); the output
+projection `[D, D]` becomes `[H, Dh, D]`; `pos_embed` drops torch's leading batch axis.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unires_jax.convert import mapping
+from unires_jax.convert.clip_vit import tensor_to_numpy
+from unires_jax.models.sam_vit import SamVisionEncoder, SamVitConfig
+
+# `SamModel` and `SamVisionModel` both hold the encoder as `vision_encoder`.
+PREFIX = "vision_encoder."
+
+
+def _attention_entries(cfg: SamVitConfig, jax_layer: str, torch_layer: str) -> list[mapping.Entry]:
+  heads, head_dim, width = cfg.num_heads, cfg.head_dim, cfg.width
+  return [
+      mapping.Entry.make(f"{jax_layer}/attn/qkv_kernel", f"{torch_layer}.attn.qkv.weight",
+                         lambda w: np.ascontiguousarray(w.T.reshape(width, 3, heads, head_dim)),  # [3D, D] → [D, 3, H, Dh]
+                         lambda k: np.ascontiguousarray(k.reshape(width, 3 * heads * head_dim).T)),
+      mapping.Entry.make(f"{jax_layer}/attn/qkv_bias", f"{torch_layer}.attn.qkv.bias",
+                         lambda b: b.reshape(3, heads, head_dim), lambda b: b.reshape(3 * heads * head_dim)),
+      mapping.Entry.make(f"{jax_layer}/attn/proj_kernel", f"{torch_layer}.attn.proj.weight",
+                         lambda w: np.ascontiguousarray(w.T.reshape(heads, head_dim, width)),  # [D, D] → [H, Dh, D]
+                         lambda k: np.ascontiguousarray(k.reshape(heads * head_dim, width).T)),
+      mapping.Entry.make(f"{jax_layer}/attn/proj_bias", f"{torch_layer}.attn.proj.bias"),
+      mapping.Entry.make(f"{jax_layer}/attn/rel_pos_h", f"{torch_layer}.attn.rel_pos_h"),
+      mapping.Entry.make(f"{jax_layer}/attn/rel_pos_w", f"{torch_layer}.attn.rel_pos_w"),
+  ]
+
+
+def sam_vit_table(cfg: SamVitConfig, prefix: str = PREFIX) -> list[mapping.Entry]:
+  """The JAX path ↔ HF name table for one config (the head reshapes and the depth depend on it)."""
+  entries = [
+      mapping.Entry.make("patch_embed/kernel", prefix + "patch_embed.projection.weight", mapping.conv_to_jax,
+                         mapping.conv_to_torch),
+      mapping.Entry.make("patch_embed/bias", prefix + "patch_embed.projection.bias"),
+      mapping.Entry.make("pos_embed", prefix + "pos_embed", lambda p: p[0], lambda p: p[None]),
+  ]
+  for index in range(cfg.depth):
+    jax_layer, torch_layer = f"layers_{index}", f"{prefix}layers.{index}"
+    entries += (mapping.norm(f"{jax_layer}/layer_norm1", f"{torch_layer}.layer_norm1")
+                + _attention_entries(cfg, jax_layer, torch_layer)
+                + mapping.norm(f"{jax_layer}/layer_norm2", f"{torch_layer}.layer_norm2")
+                + mapping.linear(f"{jax_layer}/mlp/lin1", f"{torch_layer}.mlp.lin1")
+                + mapping.linear(f"{jax_layer}/mlp/lin2", f"{torch_layer}.mlp.lin2"))
+  entries += [
+      mapping.Entry.make("neck/conv1/kernel", prefix + "neck.conv1.weight", mapping.conv_to_jax,
+                         mapping.conv_to_torch),
+      mapping.Entry.make("neck/conv2/kernel", prefix + "neck.conv2.weight", mapping.conv_to_jax,
+                         mapping.conv_to_torch),
+  ]
+  entries += mapping.norm("neck/layer_norm1", prefix + "neck.layer_norm1")
+  entries += mapping.norm("neck/layer_norm2", prefix + "neck.layer_norm2")
+  return entries
+
+
+def param_shapes(cfg: SamVitConfig) -> dict[str, tuple[int, ...]]:
+  """Flat `{path: shape}` of the encoder's params, without allocating them."""
+  images = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
+  abstract = jax.eval_shape(lambda x: SamVisionEncoder(cfg).init(jax.random.key(0), x), images)
+  return {path: tuple(leaf.shape)
+          for path, leaf in mapping.flatten_params(nn.meta.unbox(abstract)["params"]).items()}
+
+
+def import_sam_vit(state_dict: Mapping, cfg: SamVitConfig, prefix: str = PREFIX) -> dict:
+  """HF SAM state dict (numpy or torch tensors) → the `params` tree of `SamVisionEncoder`.
+
+  Only tensors under `prefix` are read (a `SamModel` also holds the prompt encoder and the mask decoder); among
+  them the import is strict: an unmapped or missing tensor, or a shape that does not fit `cfg`, raises naming it.
+  """
+  state_dict = {name: tensor_to_numpy(value) for name, value in state_dict.items() if name.startswith(prefix)}
+  if not state_dict:
+    raise KeyError(f"SAM checkpoint: no tensor starts with prefix {prefix!r}")
+  flat, _ = mapping.import_params(sam_vit_table(cfg, prefix), state_dict, expected=param_shapes(cfg),
+                                  what="SAM vision encoder checkpoint")
+  return mapping.unflatten_params(flat)
+
+
+def export_sam_vit(params: Mapping, cfg: SamVitConfig, prefix: str = PREFIX) -> dict[str, np.ndarray]:
+  """`SamVisionEncoder` params (boxed or not) → HF SAM vision-encoder state dict of numpy arrays under `prefix`."""
+  flat = {path: np.asarray(value) for path, value in mapping.flatten_params(nn.meta.unbox(params)).items()}
+  return mapping.export_params(sam_vit_table(cfg, prefix), flat)
+
+
+def sam_vit_config_to_hf(cfg: SamVitConfig) -> dict:
+  """Keyword arguments of the matching `transformers.SamVisionConfig` (`num_pos_feats` belongs to the prompt
+  encoder and is left to the caller)."""
+  return dict(hidden_size=cfg.width, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
+              image_size=cfg.image_size, patch_size=cfg.patch_size, window_size=cfg.window_size,
+              global_attn_indexes=list(cfg.global_attn_indexes), output_channels=cfg.out_channels,
+              mlp_dim=cfg.mlp_dim, layer_norm_eps=cfg.layer_norm_eps, hidden_act="gelu", qkv_bias=True,
+              use_abs_pos=True, use_rel_pos=True, attention_dropout=0.0)
