@@ -120,9 +120,16 @@ def reference_run(runner: TrainRunner) -> str:
   return workdir
 
 
+def shared_runner(tmp_path_factory) -> TrainRunner:
+  """One runner root per test session, so the training test modules share the data, cache and reference run."""
+  root = tmp_path_factory.getbasetemp() / "train_runs"
+  root.mkdir(exist_ok=True)
+  return TrainRunner(str(root))
+
+
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory) -> TrainRunner:
-  return TrainRunner(str(tmp_path_factory.mktemp("train_runs")))
+  return shared_runner(tmp_path_factory)
 
 
 @pytest.mark.slow
