@@ -1,0 +1,53 @@
+"""Two real processes on localhost form one 8-device mesh (4 CPU devices each) and train to the same state
+as one process with 8 devices on the same global batches (same config, same seed)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+
+import pytest
+
+from test_train import REPO, TOTAL_STEPS, assert_states_equal, load_state, reference_run, shared_runner
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path, tmp_path_factory):
+  runner = shared_runner(tmp_path_factory)
+  reference = reference_run(runner)  # also generates the shared data before the two processes start
+
+  workdir = str(tmp_path / "two_processes")
+  address = f"127.0.0.1:{_free_port()}"
+  env = runner.env(device_count=None)  # each process: 4 devices from --cpu_devices, not 8 from XLA_FLAGS
+  processes, logs = [], []
+  for process_id in range(2):
+    log_path = str(tmp_path / f"process_{process_id}.log")
+    logs.append(log_path)
+    with open(log_path, "w") as log:
+      command = runner.command(workdir, f"--coordinator_address={address}", "--num_processes=2",
+                               f"--process_id={process_id}", "--cpu_devices=4")
+      processes.append(subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
+  try:
+    for process in processes:
+      process.wait(timeout=500)
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  for process, log_path in zip(processes, logs):
+    with open(log_path) as f:
+      text = f.read()
+    assert process.returncode == 0, f"{log_path} (exit {process.returncode}):\n{text[-4000:]}"
+  with open(logs[0]) as f:
+    assert f"step {TOTAL_STEPS}/{TOTAL_STEPS}" in f.read()
+
+  expected, actual = load_state(reference, TOTAL_STEPS), load_state(workdir, TOTAL_STEPS)
+  assert_states_equal(expected, actual)
