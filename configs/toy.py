@@ -45,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 targets=[["llm/layers/self_attn/(q|k|v)_proj/kernel", 1], ["llm/layers/self_attn/o_proj/kernel", 2],
                          ["llm/layers/mlp/(gate|up|down)_proj/kernel", 1]]),
       peak_flops_per_device=0.0,  # 0: measured with a matmul at start-up
+      init_from="",  # a checkpoint (scripts/import_pretrained.py output or a run) to start from
   )
   c.optim = dict(learning_rate=1e-3, warmup_steps=2 if quick else 50, final_lr_ratio=0.05, b1=0.9, b2=0.98,
                  eps=1e-8, weight_decay=0.01, grad_clip=1.0, grad_accum_steps=1, lr_multipliers=[])

@@ -50,3 +50,13 @@ def test_unmapped_missing_and_wrong_shape_are_named():
   expected = {"proj/kernel": (5, 4), "proj/bias": (3,), "layers/w/kernel": (2, 2, 4), "qkv/kernel": (6, 4)}
   with pytest.raises(ValueError, match="proj.weight"):
     mapping.import_params(_table(), sd, num_layers=2, expected=expected)
+
+
+def test_a_wrong_size_layer_of_a_stack_is_named():
+  sd = _state_dict()
+  sd["blocks.1.w.weight"] = np.zeros((4, 3))
+  with pytest.raises(ValueError, match="blocks.1.w.weight"):
+    mapping.import_params(_table(), sd, num_layers=2)
+  expected = {"proj/kernel": (5, 3), "proj/bias": (3,), "layers/w/kernel": (2, 3, 4), "qkv/kernel": (6, 4)}
+  with pytest.raises(ValueError, match="blocks.0.w.weight"):
+    mapping.import_params(_table(), _state_dict(), num_layers=2, expected=expected)

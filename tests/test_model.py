@@ -22,8 +22,10 @@ def setup():
   config = tiny.get_config()
   model = state_lib.build_model(config.model)
   batch = example_batch(model.config, batch_size=8, seed=1)
-  params = jax.jit(lambda r: nn.meta.unbox(model.init(r, batch)["params"]))(jax.random.key(0))
-  return config, model, batch, params
+  one_device = sharding.make_mesh(common.mesh_config(), devices=jax.devices()[:1])
+  state, _ = state_lib.create_sharded_state(model, batch, one_device, sharding.rules_from_config(config.sharding_rules),
+                                            jax.random.key(0))
+  return config, model, batch, state.params
 
 
 def _loss_and_grads(model, params, batch):

@@ -126,7 +126,16 @@ def import_params(entries: Iterable[Entry], state_dict: Mapping[str, np.ndarray]
       if missing:
         raise KeyError(f"{what}: tensor {missing[0]!r} (for {entry.jax_path}) is missing")
       claimed.update(names)
-      values.append(np.asarray(entry.to_jax(*[np.asarray(state_dict[n]) for n in names])))
+      value = np.asarray(entry.to_jax(*[np.asarray(state_dict[n]) for n in names]))
+      if values and value.shape != values[0].shape:
+        raise ValueError(f"{what}: tensor {names[0]!r} → {entry.jax_path} has shape {value.shape}, the other "
+                         f"layers have {values[0].shape}")
+      if entry.stacked and expected is not None and entry.jax_path in expected:
+        want_layer = tuple(expected[entry.jax_path])[1:]
+        if value.shape != want_layer:
+          raise ValueError(f"{what}: tensor {names[0]!r} → {entry.jax_path} has shape {value.shape}, the model "
+                           f"expects {want_layer} per layer (wrong architecture or size?)")
+      values.append(value)
     value = np.stack(values) if entry.stacked else values[0]
     if expected is not None:
       if entry.jax_path not in expected:

@@ -95,10 +95,13 @@ def write_overlays(split_dir: str, predictions_path: str, out_dir: str, count: i
     overlay[pred] = 0.5 * overlay[pred] + 0.5 * np.array([255, 0, 0])
     edge = gt & ~(np.roll(gt, 1, 0) & np.roll(gt, -1, 0) & np.roll(gt, 1, 1) & np.roll(gt, -1, 1))
     overlay[edge] = [0, 255, 0]
-    height, width = image.shape[:2]
+    # Small images (the synthetic set) are enlarged so the overlay is readable.
+    zoom = max(1, 384 // max(image.shape[:2]))
+    height, width = image.shape[0] * zoom, image.shape[1] * zoom
+    enlarge = lambda a: Image.fromarray(a.astype(np.uint8)).resize((width, height), Image.NEAREST)
     canvas = Image.new("RGB", (width * 2, height + 28), (255, 255, 255))
-    canvas.paste(Image.fromarray(image.astype(np.uint8)), (0, 28))
-    canvas.paste(Image.fromarray(overlay.astype(np.uint8)), (width, 28))
+    canvas.paste(enlarge(image), (0, 28))
+    canvas.paste(enlarge(overlay), (width, 28))
     answer = "no target" if prediction.no_target else "mask"
     ImageDraw.Draw(canvas).text((4, 8), f"{sample['sentence']['sent']}  -> {answer}", fill=(0, 0, 0))
     path = os.path.join(out_dir, f"overlay_{ids['ref_id']}_{ids['sent_id']}.png")

@@ -121,6 +121,37 @@ def _format_line(step: int, total: int, metrics: dict[str, float]) -> str:
   return " | ".join(parts)
 
 
+def load_initial_params(path: str, fresh_params: Any, param_shardings: Any) -> Any:
+  """Parameters from an imported or earlier checkpoint (`train.init_from`), placed into the run's shardings.
+
+  Every parameter of the model must be present with its shape; LoRA factors absent from the source keep their
+  fresh values. Extra or mis-shaped tensors are errors that name them.
+  """
+  from unires_jax.convert import checkpoints as checkpoint_io
+  loaded, _ = checkpoint_io.load_params(path)
+  loaded_flat = {partition.param_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+  used = set()
+
+  def place(key_path, fresh, target_sharding):
+    name = partition.param_path(key_path)
+    if name not in loaded_flat:
+      if name.startswith(lora_lib.LORA_KEY + "/"):
+        return fresh
+      raise KeyError(f"train.init_from {path}: parameter {name!r} is missing")
+    value = np.asarray(loaded_flat[name])
+    if value.shape != fresh.shape:
+      raise ValueError(f"train.init_from {path}: parameter {name!r} has shape {value.shape}, the model expects "
+                       f"{fresh.shape}")
+    used.add(name)
+    return jax.device_put(value.astype(fresh.dtype), target_sharding)
+
+  placed = jax.tree_util.tree_map_with_path(place, fresh_params, param_shardings)
+  extra = sorted(set(loaded_flat) - used)
+  if extra:
+    raise KeyError(f"train.init_from {path}: {len(extra)} tensors are not parameters of this model, first {extra[0]!r}")
+  return placed
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) training to `config.train.total_steps`; returns the last logged metrics and paths."""
   os.makedirs(workdir, exist_ok=True)
@@ -165,6 +196,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if restored is not None:
     state, start_step = restored
     log.info("resuming at step %d", start_step)
+  elif train_cfg.get("init_from", ""):
+    state = state.replace(params=load_initial_params(train_cfg.init_from, state.params, state_shardings.params))
+    log.info("initialised parameters from %s", train_cfg.init_from)
 
   batch_sharding = state_lib.batch_shardings(example, mesh)
   replicated = NamedSharding(mesh, P())
