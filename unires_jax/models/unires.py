@@ -8,7 +8,9 @@ docs/DESIGN.md). Generation (KV cache) and mask decoding from generated `[SEG]` 
 [interpretation] "Dynamic feature exploitation": the `[SEG]` prompt cross-attends to the LLM's final hidden
 states at the image/object/part slots (the multi-granularity features after the LLM has read the phrase); the
 result is a second sparse prompt token for the SAM-style decoder beside the `[SEG]` prompt itself. Dense
-features for the decoder come from a ConvNeXt stage through a SAM-style neck (1×1 conv, LN, 3×3 conv, LN).
+features for the decoder come from a ConvNeXt stage through a SAM-style neck (1×1 conv, LN, 3×3 conv, LN), or,
+with `model.dense_source = "sam_vit"`, from SAM's ViT encoder on `image_high` (its own neck already ends in
+`out_channels`, fed to the decoder as is when that equals the decoder width, else through a 1×1 projection).
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from unires_jax.models.clip_vit import ClipVisionTransformer, ClipVitConfig
 from unires_jax.models.convnext import ConvNeXt, ConvNextConfig
 from unires_jax.models.llm import Llama, LlamaConfig
 from unires_jax.models.mask_decoder import MaskDecoder, MaskDecoderConfig
+from unires_jax.models.sam_vit import SamVisionEncoder, SamVitConfig
 from unires_jax.models.vision_flow import MultiGranularityVisionFlow, VisionFlowConfig
 
 TOKEN_TEXT, TOKEN_IMAGE, TOKEN_OBJECT, TOKEN_PART = 0, 1, 2, 3
-DENSE_SOURCES = ("convnext",)
+DENSE_SOURCES = ("convnext", "sam_vit")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -43,6 +46,7 @@ class UniRESConfig:
   dense_feature_stage: int = 2
   dtype: str = "float32"
   param_dtype: str = "float32"
+  sam_vit: SamVitConfig | None = None  # model.sam_vit; used when dense_source == "sam_vit"
 
   @property
   def num_image_tokens(self) -> int:
@@ -79,6 +83,17 @@ class UniRESConfig:
     stage = cfg.get("dense_feature_stage", 2)
     if not 0 <= stage <= 3:
       raise ValueError(f"model.dense_feature_stage must be a ConvNeXt stage 0..3, got {stage}")
+    if "sam_vit" in cfg:
+      try:
+        built["sam_vit"] = SamVitConfig(**cfg["sam_vit"])
+      except TypeError as e:
+        raise KeyError(f"model.sam_vit: {e}") from e
+    if cfg.get("dense_source", "convnext") == "sam_vit":
+      if "sam_vit" not in built:
+        raise KeyError("model config: dense_source 'sam_vit' needs the section 'sam_vit'")
+      if built["sam_vit"].image_size != built["convnext"].image_size:
+        raise ValueError(f"model.sam_vit.image_size {built['sam_vit'].image_size} must equal "
+                         f"model.convnext.image_size {built['convnext'].image_size}: the SAM encoder reads image_high")
     return cls(dense_source=cfg.get("dense_source", "convnext"), dense_feature_stage=stage,
                dtype=cfg.get("dtype", "float32"), param_dtype=cfg.get("param_dtype", "float32"), **built)
 
@@ -172,7 +187,15 @@ class UniRES(nn.Module):
         kernel_init=logical_init(nn.initializers.lecun_normal(), ("embed", "heads", "head_dim")),
         out_kernel_init=logical_init(nn.initializers.lecun_normal(),
                                                      ("heads", "head_dim", "embed")))
-    self.dense_neck = DenseNeck(decoder_dim, dtype=dtype, param_dtype=param_dtype)
+    if cfg.dense_source == "sam_vit":
+      self.sam_vit = SamVisionEncoder(cfg.sam_vit, dtype=dtype, param_dtype=param_dtype)
+      if cfg.sam_vit.out_channels != decoder_dim:
+        self.sam_dense_proj = nn.Dense(
+            decoder_dim, dtype=dtype, param_dtype=param_dtype,
+            kernel_init=logical_init(nn.initializers.lecun_normal(), ("embed", "mlp")),
+            bias_init=logical_init(nn.initializers.zeros_init(), ("mlp",)))
+    else:
+      self.dense_neck = DenseNeck(decoder_dim, dtype=dtype, param_dtype=param_dtype)
     self.mask_decoder = MaskDecoder(cfg.mask_decoder, dtype=dtype, param_dtype=param_dtype)
 
   # --- pieces, also used by inference -------------------------------------------------------------------------
@@ -190,7 +213,13 @@ class UniRES(nn.Module):
     high_res_features = self.vision_high(image_high)  # 4 × [B, h, w, C]
     groups = self.vision_flow(image_features, high_res_features, batch["object_boxes"], batch["object_box_mask"],
                               batch["part_boxes"], batch["part_box_mask"], canvas_size=cfg.high_res_size)
-    dense = self.dense_neck(high_res_features[cfg.dense_feature_stage])  # [B, h, w, Cd]
+    if cfg.dense_source == "sam_vit":
+      # SAM's neck output goes to the decoder as in SAM; a 1×1 projection only when the widths differ.
+      dense = self.sam_vit(image_high)  # [B, S_h/p, S_h/p, out_channels]
+      if cfg.sam_vit.out_channels != cfg.mask_decoder.transformer_dim:
+        dense = self.sam_dense_proj(dense)  # [B, h, w, Cd]
+    else:
+      dense = self.dense_neck(high_res_features[cfg.dense_feature_stage])  # [B, h, w, Cd]
     return {"groups": groups, "dense": dense}
 
   def embed_sequence(self, input_ids, token_type, attention_mask, vision, object_box_mask, part_box_mask):
