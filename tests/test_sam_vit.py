@@ -107,7 +107,8 @@ def _numpy_attention(x, params, num_heads):
     for i in range(h * w):
       for j in range(h * w):
         (y, xx), (ky, kx) = divmod(i, w), divmod(j, w)
-        logits[i, j] += q[i, head] @ params["rel_pos_h"][y - ky + h - 1] + q[i, head] @ params["rel_pos_w"][xx - kx + w - 1]
+        logits[i, j] += (q[i, head] @ params["rel_pos_h"][y - ky + h - 1]
+                         + q[i, head] @ params["rel_pos_w"][xx - kx + w - 1])
     weights = np.exp(logits - logits.max(-1, keepdims=True))
     out[:, head] = (weights / weights.sum(-1, keepdims=True)) @ v[:, head]
   return np.einsum("nhc,hcd->nd", out, params["proj_kernel"]).reshape(h, w, d) + params["proj_bias"]
@@ -190,7 +191,8 @@ def test_sharded_encoder_equals_single_device():
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), images[:1])["params"])
   param_shardings = sharding.logical_to_shardings(abstract, mesh, rules)
   sharded_params = jax.device_put(params, param_shardings)
-  assert sharded_params["layers_0"]["mlp"]["lin1"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  lin1_spec = sharded_params["layers_0"]["mlp"]["lin1"]["kernel"].sharding.spec
+  assert lin1_spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     sharded = jax.jit(model.apply)({"params": sharded_params}, images)
   np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-5, atol=1e-5)

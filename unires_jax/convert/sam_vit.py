@@ -24,8 +24,9 @@ PREFIX = "vision_encoder."
 def _attention_entries(cfg: SamVitConfig, jax_layer: str, torch_layer: str) -> list[mapping.Entry]:
   heads, head_dim, width = cfg.num_heads, cfg.head_dim, cfg.width
   return [
+      # [3D, D] → [D, 3, H, Dh]
       mapping.Entry.make(f"{jax_layer}/attn/qkv_kernel", f"{torch_layer}.attn.qkv.weight",
-                         lambda w: np.ascontiguousarray(w.T.reshape(width, 3, heads, head_dim)),  # [3D, D] → [D, 3, H, Dh]
+                         lambda w: np.ascontiguousarray(w.T.reshape(width, 3, heads, head_dim)),
                          lambda k: np.ascontiguousarray(k.reshape(width, 3 * heads * head_dim).T)),
       mapping.Entry.make(f"{jax_layer}/attn/qkv_bias", f"{torch_layer}.attn.qkv.bias",
                          lambda b: b.reshape(3, heads, head_dim), lambda b: b.reshape(3 * heads * head_dim)),
