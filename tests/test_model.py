@@ -159,3 +159,16 @@ def test_7b_config_shapes_and_shardings_without_memory():
   q_spec = jax.tree.leaves(specs["llm"], is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   assert any("fsdp" in jax.tree.leaves(tuple(s)) for s in q_spec)
   del mesh
+
+
+def test_clip_to_sam_normalisation_matches_the_direct_formula():
+  from unires_jax.data import transforms
+  from unires_jax.models.unires import SAM_PIXEL_MEAN, SAM_PIXEL_STD, clip_to_sam_normalisation
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, size=(6, 8, 3)).astype(np.uint8)
+  clip = transforms.preprocess_image(image, 16)[None]  # [1, 16, 16, 3], rows 12.. are padding
+  sam = np.asarray(clip_to_sam_normalisation(jnp.asarray(clip)))[0]
+  resized = (clip[0] * np.asarray(transforms.CLIP_STD) + np.asarray(transforms.CLIP_MEAN)) * 255.0
+  expected = (resized - np.asarray(SAM_PIXEL_MEAN)) / np.asarray(SAM_PIXEL_STD)
+  np.testing.assert_allclose(sam[:12], expected[:12], atol=1e-4)
+  assert np.all(sam[12:] == 0)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from unires_jax.sharding import logical_init
+from unires_jax.data import transforms
 from unires_jax.models.clip_vit import ClipVisionTransformer, ClipVitConfig
 from unires_jax.models.convnext import ConvNeXt, ConvNextConfig
 from unires_jax.models.llm import Llama, LlamaConfig
@@ -96,6 +97,25 @@ class UniRESConfig:
                          f"model.convnext.image_size {built['convnext'].image_size}: the SAM encoder reads image_high")
     return cls(dense_source=cfg.get("dense_source", "convnext"), dense_feature_stage=stage,
                dtype=cfg.get("dtype", "float32"), param_dtype=cfg.get("param_dtype", "float32"), **built)
+
+
+# SAM's pixel statistics (0..255 scale); the pipeline normalises with CLIP's.
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def clip_to_sam_normalisation(image):
+  """CLIP-normalised canvas [B, S, S, 3] → SAM-normalised, so pretrained SAM encoders see their own statistics.
+
+  The zero padding of the canvas stays zero, as in SAM's own preprocessing (pad after normalising); a real pixel
+  exactly at CLIP's mean in all three channels is indistinguishable from padding and is treated as such.
+  """
+  clip_mean = jnp.asarray(transforms.CLIP_MEAN, image.dtype)
+  clip_std = jnp.asarray(transforms.CLIP_STD, image.dtype)
+  pixels = (image * clip_std + clip_mean) * 255.0  # [B, S, S, 3] in 0..255
+  sam = (pixels - jnp.asarray(SAM_PIXEL_MEAN, image.dtype)) / jnp.asarray(SAM_PIXEL_STD, image.dtype)
+  is_padding = jnp.all(image == 0, axis=-1, keepdims=True)
+  return jnp.where(is_padding, 0.0, sam).astype(image.dtype)
 
 
 def insert_visual_tokens(text_embeds, token_type, groups: Mapping[int, jnp.ndarray]):
@@ -215,7 +235,7 @@ class UniRES(nn.Module):
                               batch["part_boxes"], batch["part_box_mask"], canvas_size=cfg.high_res_size)
     if cfg.dense_source == "sam_vit":
       # SAM's neck output goes to the decoder as in SAM; a 1×1 projection only when the widths differ.
-      dense = self.sam_vit(image_high)  # [B, S_h/p, S_h/p, out_channels]
+      dense = self.sam_vit(clip_to_sam_normalisation(image_high))  # [B, S_h/p, S_h/p, out_channels]
       if cfg.sam_vit.out_channels != cfg.mask_decoder.transformer_dim:
         dense = self.sam_dense_proj(dense)  # [B, h, w, Cd]
     else:
