@@ -33,8 +33,8 @@ def main(argv) -> None:
   if _CPU_DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
   if _COORDINATOR.value or _MULTIHOST.value:
-    if jax.default_backend() == "cpu" or _CPU_DEVICES.value:
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Cross-process collectives for CPU devices (no effect on TPU/GPU); set before the backend starts.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
   from unires_jax.train import runner

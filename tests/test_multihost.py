@@ -7,6 +7,8 @@ import os
 import socket
 import subprocess
 
+import jax
+import numpy as np
 import pytest
 
 from test_train import REPO, TOTAL_STEPS, assert_states_equal, load_state, reference_run, shared_runner
@@ -50,4 +52,10 @@ def test_two_processes_match_one_process(tmp_path, tmp_path_factory):
     assert f"step {TOTAL_STEPS}/{TOTAL_STEPS}" in f.read()
 
   expected, actual = load_state(reference, TOTAL_STEPS), load_state(workdir, TOTAL_STEPS)
-  assert_states_equal(expected, actual)
+  # Cross-process all-reduces (gloo) sum in another order than one process's reduction: results agree to float
+  # reassociation (measured: max |Δ| 2.3e-10 over the whole state after 8 steps), not bit for bit.
+  assert_states_equal(expected, actual, atol=1e-7)
+  # The tolerance cannot hide a real divergence: 8 steps of training move the parameters by far more.
+  moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(expected["params"]),
+                                                           jax.tree.leaves(load_state(reference, 6)["params"])))
+  assert moved > 1e-4, moved

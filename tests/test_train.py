@@ -217,3 +217,35 @@ def test_missing_data_path_names_it(runner, tmp_path):
   result = runner.run(workdir, f"--config.data.sources[0].dir={missing}/train",
                       check=False, timeout=300)
   _assert_stops_before_work(result, workdir, "data.sources", f"{missing}/train")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_then_exits_and_the_run_resumes_exactly(runner):
+  """Preemption: SIGTERM mid-run saves a checkpoint at the current step and exits cleanly; the resumed run ends
+  where an uninterrupted one does."""
+  reference = reference_run(runner)
+  workdir = os.path.join(runner.root, "preempted")
+  log_path = os.path.join(runner.root, "preempted_first.log")
+  with open(log_path, "w") as log:
+    process = subprocess.Popen(runner.command(workdir), env=runner.env(), cwd=REPO, stdout=log,
+                               stderr=subprocess.STDOUT)
+  try:
+    deadline = time.monotonic() + 400
+    while not committed_steps(workdir) and process.poll() is None and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert committed_steps(workdir), f"no checkpoint was written before SIGTERM; log in {log_path}"
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=300)
+  finally:
+    process.kill()
+    process.wait()
+  text = open(log_path).read()
+  assert process.returncode == 0, text[-3000:]
+  marker = "SIGTERM received: saving a checkpoint at step "
+  assert marker in text, text[-3000:]
+  saved_step = int(text.split(marker)[1].split()[0])
+  assert saved_step < TOTAL_STEPS and saved_step in committed_steps(workdir)
+
+  resumed = runner.run(workdir)
+  assert f"resuming at step {saved_step}" in resumed.stderr
+  assert_states_equal(load_state(reference, TOTAL_STEPS), load_state(workdir, TOTAL_STEPS))
