@@ -40,6 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       async_checkpoint=True,
       trainable=[".*"],
       frozen=[],
+      freeze_inert=True,  # also freeze parameters that cannot affect the loss (UniRESConfig.inert_parameter_patterns)
       loss_weights=dict(ce=1.0, bce=2.0, dice=0.5),
       lora=dict(enabled=False, rank=8, alpha=16.0, stacked_prefixes=["llm/layers/"],
                 targets=[["llm/layers/self_attn/(q|k|v)_proj/kernel", 1], ["llm/layers/self_attn/o_proj/kernel", 2],

@@ -14,7 +14,7 @@ from unires_jax.models import losses
 from unires_jax.models import sam_vit
 from unires_jax.models.example_batch import example_batch
 from unires_jax.models.sam_vit import SamVisionEncoder, SamVitBlock, SamVitConfig
-from unires_jax.models.unires import UniRESConfig
+from unires_jax.models.unires import UniRESConfig, clip_to_sam_normalisation
 from unires_jax.train import partition, state as state_lib
 
 # A 4×4 grid, 2×2 windows, one global block.
@@ -254,7 +254,8 @@ def test_unires_forward_with_sam_dense_features_trains_the_mask_path():
 
   # The decoder's dense features are the standalone encoder's output through the 1×1 projection.
   sam_config = SamVitConfig(**TINY_SAM | {"out_channels": 24})
-  embeddings = SamVisionEncoder(sam_config).apply({"params": params["sam_vit"]}, jnp.asarray(batch["image_high"]))
+  sam_input = clip_to_sam_normalisation(jnp.asarray(batch["image_high"]))  # the model re-normalises for SAM
+  embeddings = SamVisionEncoder(sam_config).apply({"params": params["sam_vit"]}, sam_input)
   expected = np.einsum("bhwc,cd->bhwd", np.asarray(embeddings), np.asarray(params["sam_dense_proj"]["kernel"])) \
       + np.asarray(params["sam_dense_proj"]["bias"])
   assert dense.shape == (2, 8, 8, 32)

@@ -57,6 +57,24 @@ class UniRESConfig:
   def high_res_size(self) -> int:
     return self.convnext.image_size
 
+  def inert_parameter_patterns(self) -> tuple[str, ...]:
+    """Regexes of parameters that exist for checkpoint compatibility but cannot change this model's losses.
+
+    The trainer freezes them (`train.freeze_inert`), so no optimizer state is spent on them and Adam does not
+    drift them on round-off gradients:
+    - attention key biases: softmax is invariant to a per-query constant, so their exact gradient is zero;
+    - CLIP's `post_layernorm` (features come from `select_layer`);
+    - SAM's IoU head and the multimask hypernetworks (single-mask output; no IoU loss, as in LISA);
+    - ConvNeXt stages after the last one used (ROI features and dense features) and its pooled head norm.
+    """
+    patterns = [r".*/(k_proj|key)/bias", r"vision_low/post_layernorm/.*", r"mask_decoder/iou_prediction_head/.*",
+                r"mask_decoder/output_hypernetworks_mlps_([1-9]|[1-9][0-9]+)/.*", r"vision_high/head_norm/.*"]
+    last_stage = self.vision_flow.roi_feature_stage
+    if self.dense_source == "convnext":
+      last_stage = max(last_stage, self.dense_feature_stage)
+    patterns += [rf"vision_high/stage_{stage}/.*" for stage in range(last_stage + 1, 4)]
+    return tuple(patterns)
+
   @classmethod
   def from_config(cls, model_cfg: Any) -> "UniRESConfig":
     """From the `model` ConfigDict section; unknown or missing keys fail with their names."""

@@ -174,6 +174,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # The optimizer's group labels need the parameter tree: take it from the abstract state.
   abstract = state_lib.abstract_train_state(model, example, None, trainable, frozen, extra_params_fn)
   abstract_params = nn.meta.unbox(abstract.params)
+  if train_cfg.get("freeze_inert", True):
+    frozen += partition.matching_patterns(abstract_params, model.config.inert_parameter_patterns())
   mask = partition.trainable_mask(abstract_params, trainable, frozen)
   optimizer, schedule = optimizer_lib.make_optimizer(optim_cfg, partition.split(abstract_params, mask)[0])
   rng = jax.random.key(int(config.seed))
@@ -245,13 +247,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           log.info(_format_line(step, total, metrics))
         last = metrics
         window_start, window_steps = time.perf_counter(), 0
-      checkpointer.save(step, state, train_iter, force=(step == total))
+      saved = checkpointer.save(step, state, train_iter, force=(step == total))
       eval_every = int(train_cfg.get("eval_every", 0))
       if eval_every and step % eval_every == 0 and step < total:
         run_evals(config, model, state.params, params_transform, mesh, rules, workdir, step, writer)
       if preemption.requested:
         log.warning("SIGTERM received: saving a checkpoint at step %d and exiting", step)
-        checkpointer.save(step, state, train_iter, force=True)
+        if not saved:
+          checkpointer.save(step, state, train_iter, force=True)
         break
   finally:
     checkpointer.wait()

@@ -43,6 +43,12 @@ def _is_boxed(x) -> bool:
   return isinstance(x, meta.AxisMetadata)
 
 
+def matching_patterns(params: Any, patterns: Sequence[str]) -> tuple[str, ...]:
+  """The patterns that match at least one parameter path (for optional pattern lists)."""
+  paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  return tuple(p for p in patterns if any(re.match(p, path) for path in paths))
+
+
 def split(params: Any, mask: Any) -> tuple[Any, Any]:
   """(trainable, frozen): the same tree twice, with `None` where a leaf belongs to the other part.
 

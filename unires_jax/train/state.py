@@ -39,13 +39,13 @@ def batch_shardings(batch: dict, mesh: Mesh) -> dict:
 
 
 def make_init_fn(model: UniRES, optimizer: optax.GradientTransformation | None, mask_fn: Callable[[Any], Any],
-                 batch: dict, extra_params_fn: Callable[[Any, jax.Array], dict] | None = None
-                 ) -> Callable[[jax.Array], TrainState]:
-  """init(rng) → TrainState with logically-boxed leaves (unboxed by the caller after sharding is decided).
+                 extra_params_fn: Callable[[Any, jax.Array], dict] | None = None
+                 ) -> Callable[[jax.Array, dict], TrainState]:
+  """init(rng, batch) → TrainState with logically-boxed leaves (unboxed by the caller after sharding is decided).
 
   `extra_params_fn(params, rng) -> {name: subtree}` adds parameters outside the model (e.g. LoRA factors).
   """
-  def init(rng):
+  def init(rng, batch):
     model_rng, extra_rng = jax.random.split(rng)
     params = dict(model.init(model_rng, batch)["params"])
     if extra_params_fn is not None:
@@ -67,21 +67,21 @@ def _unboxed_mask_fn(trainable, frozen):
 def abstract_train_state(model: UniRES, batch: dict, optimizer=None, trainable=(".*",), frozen=(),
                          extra_params_fn=None) -> TrainState:
   """ShapeDtypeStructs of the (boxed) state, no memory allocated."""
-  init = make_init_fn(model, optimizer, _unboxed_mask_fn(trainable, frozen), batch, extra_params_fn)
-  return jax.eval_shape(init, jax.random.key(0))
+  init = make_init_fn(model, optimizer, _unboxed_mask_fn(trainable, frozen), extra_params_fn)
+  return jax.eval_shape(init, jax.random.key(0), batch)
 
 
 def create_sharded_state(model: UniRES, batch: dict, mesh: Mesh, rules, rng: jax.Array,
                          optimizer: optax.GradientTransformation | None = None, trainable=(".*",),
                          frozen=(), extra_params_fn=None) -> tuple[TrainState, Any]:
   """(state, state_shardings): parameters and optimizer state created directly in their shardings."""
-  init = make_init_fn(model, optimizer, _unboxed_mask_fn(trainable, frozen), batch, extra_params_fn)
+  init = make_init_fn(model, optimizer, _unboxed_mask_fn(trainable, frozen), extra_params_fn)
   # Initialisation runs outside the mesh context: parameter shardings come from `out_shardings`, and Flax's
   # init-time constraints (which see pre-reshape kernels of DenseGeneral) stay inert.
-  abstract = jax.eval_shape(init, rng)
+  abstract = jax.eval_shape(init, rng, batch)
   state_shardings = sharding.logical_to_shardings(abstract, mesh, rules)
-  unboxed_init = lambda r: nn.meta.unbox(init(r))
-  state = jax.jit(unboxed_init, out_shardings=state_shardings)(rng)
+  unboxed_init = lambda r, b: nn.meta.unbox(init(r, b))
+  state = jax.jit(unboxed_init, out_shardings=state_shardings)(rng, batch)
   return state, state_shardings
 
 
