@@ -26,6 +26,7 @@ from unires_jax.sharding import logical_init
 from unires_jax.data import transforms
 from unires_jax.models.clip_vit import ClipVisionTransformer, ClipVitConfig
 from unires_jax.models.convnext import ConvNeXt, ConvNextConfig
+from unires_jax.models.layers import logical_conv, logical_dense, logical_layer_norm
 from unires_jax.models.llm import Llama, LlamaConfig
 from unires_jax.models.mask_decoder import MaskDecoder, MaskDecoderConfig
 from unires_jax.models.sam_vit import SamVisionEncoder, SamVitConfig
@@ -136,6 +137,12 @@ def clip_to_sam_normalisation(image):
   return jnp.where(is_padding, 0.0, sam).astype(image.dtype)
 
 
+def _slot_rank(token_type, type_id: int, count: int):
+  """(is_slot [B, L], rank [B, L]): where type `type_id` slots are, and which of the `count` items each takes."""
+  is_slot = token_type == type_id
+  return is_slot, jnp.clip(jnp.cumsum(is_slot, axis=1) - 1, 0, count - 1)
+
+
 def insert_visual_tokens(text_embeds, token_type, groups: Mapping[int, jnp.ndarray]):
   """Writes each visual group into its slots: the k-th slot of type t receives groups[t][:, k].
 
@@ -143,8 +150,7 @@ def insert_visual_tokens(text_embeds, token_type, groups: Mapping[int, jnp.ndarr
   """
   embeds = text_embeds
   for type_id, tokens in groups.items():
-    is_slot = token_type == type_id  # [B, L]
-    slot_rank = jnp.clip(jnp.cumsum(is_slot, axis=1) - 1, 0, tokens.shape[1] - 1)  # [B, L]
+    is_slot, slot_rank = _slot_rank(token_type, type_id, tokens.shape[1])  # [B, L], [B, L]
     gathered = jnp.take_along_axis(tokens, slot_rank[..., None], axis=1)  # [B, L, D]
     embeds = jnp.where(is_slot[..., None], gathered.astype(embeds.dtype), embeds)
   return embeds
@@ -154,18 +160,10 @@ def slot_attention_mask(attention_mask, token_type, box_masks: Mapping[int, jnp.
   """The batch's attention mask with slots of padded boxes switched off. [B, L] bool."""
   mask = attention_mask.astype(bool)
   for type_id, box_mask in box_masks.items():
-    is_slot = token_type == type_id
-    slot_rank = jnp.clip(jnp.cumsum(is_slot, axis=1) - 1, 0, box_mask.shape[1] - 1)
+    is_slot, slot_rank = _slot_rank(token_type, type_id, box_mask.shape[1])
     slot_valid = jnp.take_along_axis(box_mask.astype(bool), slot_rank, axis=1)
     mask = jnp.where(is_slot, mask & slot_valid, mask)
   return mask
-
-
-def _conv(features, kernel, name, dtype, param_dtype, use_bias=False):
-  return nn.Conv(features, (kernel, kernel), padding="SAME", use_bias=use_bias, dtype=dtype,
-                 param_dtype=param_dtype, name=name,
-                 kernel_init=logical_init(nn.initializers.lecun_normal(),
-                                                          ("conv_spatial", None, "embed", "mlp")))
 
 
 class DenseNeck(nn.Module):
@@ -176,13 +174,11 @@ class DenseNeck(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-                                     scale_init=logical_init(nn.initializers.ones_init(), ("norm",)),
-                                     bias_init=logical_init(nn.initializers.zeros_init(), ("norm",)))
-    x = _conv(self.out_channels, 1, "conv1", self.dtype, self.param_dtype)(x)
-    x = norm("norm1")(x)
-    x = _conv(self.out_channels, 3, "conv2", self.dtype, self.param_dtype)(x)
-    return norm("norm2")(x)
+    kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = logical_conv(self.out_channels, 1, "conv1", **kinds)(x)
+    x = logical_layer_norm("norm1", **kinds)(x)
+    x = logical_conv(self.out_channels, 3, "conv2", **kinds)(x)
+    return logical_layer_norm("norm2", **kinds)(x)
 
 
 class SegHead(nn.Module):
@@ -194,12 +190,9 @@ class SegHead(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    dense = lambda f, names, name: nn.Dense(
-        f, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-        kernel_init=logical_init(nn.initializers.lecun_normal(), names),
-        bias_init=logical_init(nn.initializers.zeros_init(), (names[1],)))
-    x = nn.relu(dense(self.hidden, ("embed", "mlp"), "fc1")(x))
-    return dense(self.out, ("mlp", "embed"), "fc2")(x)
+    kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = nn.relu(logical_dense(self.hidden, ("embed", "mlp"), "fc1", **kinds)(x))
+    return logical_dense(self.out, ("mlp", "embed"), "fc2", **kinds)(x)
 
 
 class UniRES(nn.Module):
@@ -215,10 +208,7 @@ class UniRES(nn.Module):
                                                   param_dtype=param_dtype)
     self.llm = Llama(cfg.llm, dtype=dtype, param_dtype=param_dtype)
     self.seg_head = SegHead(cfg.llm.hidden_size, decoder_dim, dtype=dtype, param_dtype=param_dtype)
-    self.visual_key_proj = nn.Dense(
-        decoder_dim, dtype=dtype, param_dtype=param_dtype,
-        kernel_init=logical_init(nn.initializers.lecun_normal(), ("embed", "mlp")),
-        bias_init=logical_init(nn.initializers.zeros_init(), ("mlp",)))
+    self.visual_key_proj = logical_dense(decoder_dim, ("embed", "mlp"), dtype=dtype, param_dtype=param_dtype)
     self.dynamic_query = nn.MultiHeadDotProductAttention(
         num_heads=cfg.mask_decoder.num_heads, qkv_features=decoder_dim, out_features=decoder_dim, dtype=dtype,
         param_dtype=param_dtype,
@@ -228,10 +218,7 @@ class UniRES(nn.Module):
     if cfg.dense_source == "sam_vit":
       self.sam_vit = SamVisionEncoder(cfg.sam_vit, dtype=dtype, param_dtype=param_dtype)
       if cfg.sam_vit.out_channels != decoder_dim:
-        self.sam_dense_proj = nn.Dense(
-            decoder_dim, dtype=dtype, param_dtype=param_dtype,
-            kernel_init=logical_init(nn.initializers.lecun_normal(), ("embed", "mlp")),
-            bias_init=logical_init(nn.initializers.zeros_init(), ("mlp",)))
+        self.sam_dense_proj = logical_dense(decoder_dim, ("embed", "mlp"), dtype=dtype, param_dtype=param_dtype)
     else:
       self.dense_neck = DenseNeck(decoder_dim, dtype=dtype, param_dtype=param_dtype)
     self.mask_decoder = MaskDecoder(cfg.mask_decoder, dtype=dtype, param_dtype=param_dtype)

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from einops import reduce
 
+from unires_jax.models.layers import logical_dense
 from unires_jax.sharding import logical_init
 from unires_jax.models.roi_align import roi_align
 
@@ -41,12 +42,6 @@ class VisionFlowConfig:
                        f"got {self.roi_feature_stage}")
 
 
-def _dense(features: int, names: tuple[str, str], dtype, param_dtype, name: str) -> nn.Dense:
-  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
-                  kernel_init=logical_init(nn.initializers.lecun_normal(), names),
-                  bias_init=logical_init(nn.initializers.zeros_init(), (names[1],)))
-
-
 class Projector(nn.Module):
   """Two-layer GELU MLP into the LLM width (LLaVA-1.5's mlp2x_gelu)."""
   out_features: int
@@ -55,9 +50,9 @@ class Projector(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = _dense(self.out_features, ("embed", "mlp"), self.dtype, self.param_dtype, "fc1")(x)
+    x = logical_dense(self.out_features, ("embed", "mlp"), "fc1", self.dtype, self.param_dtype)(x)
     x = nn.gelu(x, approximate=False)
-    return _dense(self.out_features, ("mlp", "embed"), self.dtype, self.param_dtype, "fc2")(x)
+    return logical_dense(self.out_features, ("mlp", "embed"), "fc2", self.dtype, self.param_dtype)(x)
 
 
 class MultiGranularityVisionFlow(nn.Module):

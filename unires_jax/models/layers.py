@@ -1,0 +1,33 @@
+"""Small layer constructors with logical axis names, shared by the UniRES-only parts of the model."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from unires_jax.sharding import logical_init
+
+
+def logical_dense(features: int, names: tuple[str, str], name: str | None = None, dtype=jnp.float32,
+                  param_dtype=jnp.float32) -> nn.Dense:
+  """A Dense layer whose kernel carries `names` (in, out) and whose bias carries the output name.
+
+  `name` is for `nn.compact` use; in `setup()` the attribute name names the layer.
+  """
+  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
+                  kernel_init=logical_init(nn.initializers.lecun_normal(), names),
+                  bias_init=logical_init(nn.initializers.zeros_init(), (names[1],)))
+
+
+def logical_layer_norm(name: str, epsilon: float = 1e-6, dtype=jnp.float32, param_dtype=jnp.float32) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
+                      scale_init=logical_init(nn.initializers.ones_init(), ("norm",)),
+                      bias_init=logical_init(nn.initializers.zeros_init(), ("norm",)))
+
+
+def logical_conv(features: int, kernel: int, name: str, dtype=jnp.float32, param_dtype=jnp.float32,
+                 use_bias: bool = False) -> nn.Conv:
+  """A SAME-padded square convolution with kernel names (conv_spatial, None, embed, mlp)."""
+  return nn.Conv(features, (kernel, kernel), padding="SAME", use_bias=use_bias, dtype=dtype,
+                 param_dtype=param_dtype, name=name,
+                 kernel_init=logical_init(nn.initializers.lecun_normal(), ("conv_spatial", None, "embed", "mlp")))
