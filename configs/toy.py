@@ -31,10 +31,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.toy_tokenizer_prefix = "{workdir}/prepared/toy_tokenizer"
 
   c.train = dict(
-      total_steps=6 if quick else 1200,
-      log_every=2 if quick else 50,
+      total_steps=6 if quick else 3000,
+      log_every=2 if quick else 100,
       eval_every=0,
-      checkpoint_every=3 if quick else 200,
+      checkpoint_every=3 if quick else 500,
       keep_last=2,
       keep_every_steps=0,
       async_checkpoint=True,
