@@ -95,3 +95,43 @@ def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collection
 
 def sharding_rules() -> list:
   return [list(rule) for rule in sharding.DEFAULT_RULES]
+
+
+LORA_TARGETS = [["llm/layers/self_attn/(q|k|v)_proj/kernel", 1], ["llm/layers/self_attn/o_proj/kernel", 2],
+                ["llm/layers/mlp/(gate|up|down)_proj/kernel", 1]]
+
+
+def train_config(**overrides) -> ml_collections.ConfigDict:
+  """The `train` section; keyword arguments override the defaults."""
+  c = dict(
+      total_steps=1000,
+      log_every=50,
+      eval_every=0,
+      checkpoint_every=500,
+      keep_last=2,
+      keep_every_steps=0,
+      async_checkpoint=True,
+      trainable=(".*",),  # regexes on parameter paths; tuples so the command line can override them
+      frozen=(),
+      freeze_inert=True,  # also freeze parameters that cannot affect the loss (UniRESConfig.inert_parameter_patterns)
+      loss_weights=dict(ce=1.0, bce=2.0, dice=0.5),
+      lora=dict(enabled=False, rank=8, alpha=16.0, stacked_prefixes=["llm/layers/"], targets=LORA_TARGETS),
+      peak_flops_per_device=0.0,  # 0: measured with a matmul at start-up
+      init_from="",  # a checkpoint (scripts/import_pretrained.py output or a run) to start from
+  )
+  unknown = sorted(set(overrides) - set(c))
+  if unknown:
+    raise KeyError(f"train config: unknown key(s) {unknown}")
+  c.update(overrides)
+  return ml_collections.ConfigDict(c)
+
+
+def optim_config(**overrides) -> ml_collections.ConfigDict:
+  """The `optim` section (AdamW, warmup + cosine); keyword arguments override the defaults."""
+  c = dict(learning_rate=1e-3, warmup_steps=50, final_lr_ratio=0.05, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.01,
+           grad_clip=1.0, grad_accum_steps=1, lr_multipliers=())  # lr_multipliers: ((regex, factor), ...)
+  unknown = sorted(set(overrides) - set(c))
+  if unknown:
+    raise KeyError(f"optim config: unknown key(s) {unknown}")
+  c.update(overrides)
+  return ml_collections.ConfigDict(c)

@@ -50,7 +50,7 @@ def data_config(run: str = "toy", sources: Sequence[tuple[str, float] | str] = (
     source_list.append(dict(dir=str(directory), weight=float(weight)))
   toy = run == "toy"
   return ml_collections.ConfigDict(dict(
-      sources=source_list,
+      sources=tuple(source_list),  # a tuple, so `--config.data.sources=...` can override it
       batch_size=8 if toy else 32,
       # toy: 1 + 18 + 6 + 10 = 35 prefix tokens (tiny model); full: 1 + 578 + 34 + 66 = 679 (7b model).
       max_text_len=96 if toy else 768,
