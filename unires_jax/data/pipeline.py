@@ -256,7 +256,7 @@ def _granularity_boxes(record: dict, ref: dict, granularity: str, box_source: st
   return proposals, box_iou(proposals, gt_boxes[gt_is_target]).max(axis=1) >= 0.5
 
 
-def _canvas_boxes(boxes: np.ndarray, height: int, width: int, size: int, max_boxes: int) -> tuple[np.ndarray, np.ndarray]:
+def canvas_boxes(boxes: np.ndarray, height: int, width: int, size: int, max_boxes: int) -> tuple[np.ndarray, np.ndarray]:
   """Original-pixel boxes [K, 4] → padded canvas boxes [max, 4] and their mask [max]."""
   clipped = np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
   padded = np.zeros((max_boxes, 4), np.float32)
@@ -329,7 +329,7 @@ class SampleEncoder:
     for granularity, max_boxes in (("object", layout.max_object_boxes), ("part", layout.max_part_boxes)):
       boxes, is_target = _granularity_boxes(record, ref, granularity, data.box_source, targets_first)
       kept, dropped[granularity] = select_boxes(boxes, is_target, max_boxes)
-      out[f"{granularity}_boxes"], out[f"{granularity}_box_mask"] = _canvas_boxes(
+      out[f"{granularity}_boxes"], out[f"{granularity}_box_mask"] = canvas_boxes(
           kept, height, width, layout.image_size_high, max_boxes)
 
     has_target = bool(ref["ann_ids"])

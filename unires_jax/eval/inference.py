@@ -133,12 +133,7 @@ def _padded_canvas_boxes(boxes: np.ndarray | None, height: int, width: int, size
   choice when there are too many (larger first, `pipeline.select_boxes`)."""
   boxes = np.zeros((0, 4), np.float32) if boxes is None else np.asarray(boxes, np.float32).reshape(-1, 4)
   kept, _ = pipeline.select_boxes(boxes, np.zeros((len(boxes),), bool), max_boxes)
-  clipped = np.clip(kept, 0, [width, height, width, height]).astype(np.float32)
-  padded = np.zeros((max_boxes, 4), np.float32)
-  padded[:len(kept)] = transforms.transform_boxes(clipped, height, width, size)
-  mask = np.zeros((max_boxes,), bool)
-  mask[:len(kept)] = True
-  return padded, mask
+  return pipeline.canvas_boxes(kept, height, width, size, max_boxes)
 
 
 def make_prompt_batch(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer,
