@@ -135,3 +135,24 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
     raise KeyError(f"optim config: unknown key(s) {unknown}")
   c.update(overrides)
   return ml_collections.ConfigDict(c)
+
+
+def proposals_config(source: str = "annotations", **overrides) -> ml_collections.ConfigDict:
+  """The `proposals` section: which registered source (unires_jax/proposals) gives object and part boxes.
+
+  `annotations` (ground truth, training only), `none`, `detections` (COCO results files; `{split}` in a path is
+  replaced by the split name), `sam` (SAM automatic mask generation in JAX).
+  """
+  c = dict(
+      source=source,
+      detections=dict(object_file="", part_file="", score_threshold=0.0, top_k=0, match_by="image_id"),
+      sam=dict(checkpoint="", points_per_side=32, points_per_batch=64, pred_iou_thresh=0.88,
+               stability_score_thresh=0.95, stability_score_offset=1.0, mask_threshold=0.0, box_nms_thresh=0.7,
+               crop_n_layers=0, crop_nms_thresh=0.7, crop_overlap_ratio=512 / 1500,
+               crop_n_points_downscale_factor=1, min_mask_region_area=0, max_objects=0, max_parts=0),
+  )
+  unknown = sorted(set(overrides) - set(c))
+  if unknown:
+    raise KeyError(f"proposals config: unknown key(s) {unknown}")
+  c.update(overrides)
+  return ml_collections.ConfigDict(c)
