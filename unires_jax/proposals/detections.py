@@ -230,6 +230,10 @@ class DetectionFiles:
       out[kind] = {**report["counts"][kind], "files": files}
     return out
 
+  def summary_lines(self) -> list[str]:
+    """What scripts print after a run (`format_summary` of this instance's summary)."""
+    return format_summary(self.summary())
+
 
 def merge_reports(reports: Sequence[dict]) -> dict:
   """One report from several `DetectionFiles.report()`s: counters summed, matched keys united per file."""
