@@ -13,7 +13,8 @@ file name for a folder (`match_by='file_name'`), so `scripts/prepare_data.py --o
 
 Resuming: finished images go to `<first output>.progress.jsonl` after every batch (a header line names the source
 and the inputs). A rerun with the same source and inputs skips them and writes the same files; the progress file is
-removed once the outputs are complete. Known errors print one line and exit with status 2.
+removed once the outputs are complete (a rerun after that computes everything again). Known errors print one line
+and exit with status 2.
 """
 
 from __future__ import annotations

@@ -155,3 +155,16 @@ def test_proposal_flags_without_a_file_and_bad_files_are_refused(synthetic_dir, 
   (tmp_path / "bad.json").write_text('[{"image_id": 1, "bbox": [0, 0, -1, 2], "score": 0.5}]')
   with pytest.raises(ValueError, match=r"bad.json entry 0: 'bbox' has a negative width"):
     prepare_data.main(base + ["--object-proposals", str(tmp_path / "bad.json")])
+
+
+def test_the_command_line_prints_known_errors_in_one_line(tmp_path):
+  import subprocess
+  import sys
+
+  result = subprocess.run([sys.executable, "scripts/prepare_data.py", "--dataset", "synthetic_grefcoco", "--data-dir",
+                           str(tmp_path), "--split", "val", "--out", str(tmp_path / "out"), "--proposal-top-k", "3"],
+                          capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode == 2
+  assert result.stderr.strip() == ("prepare_data.py: error: --proposal-top-k need --object-proposals or "
+                                   "--part-proposals")

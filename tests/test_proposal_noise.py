@@ -151,6 +151,7 @@ def test_boxes_are_clipped_to_the_image():
     (dict(drop_other_prob=-0.1), "drop_other_prob must be a probability"),
     (dict(false_positives=-1.0), "false_positives must be >= 0"),
     (dict(false_positive_size=(0.5, 0.2)), "false_positive_size must be \\(min, max\\)"),
+    (dict(seed=-1), "seed must be an int >= 0"),
 ])
 def test_bad_settings_are_named(overrides, message):
   with pytest.raises(ValueError, match=f"data.proposal_noise.{message}"):

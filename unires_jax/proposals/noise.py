@@ -45,9 +45,10 @@ class NoiseConfig:
         "shifted_copy_prob": 0 <= self.shifted_copy_prob <= 1,
         "false_positive_size": (len(self.false_positive_size) == 2
                                 and 0 < self.false_positive_size[0] <= self.false_positive_size[1] <= 1),
+        "seed": isinstance(self.seed, int) and self.seed >= 0,
     }
     expected = {"jitter": "in [0, 1)", "false_positives": ">= 0 (a mean count)",
-                "false_positive_size": "(min, max) with 0 < min <= max <= 1"}
+                "false_positive_size": "(min, max) with 0 < min <= max <= 1", "seed": "an int >= 0"}
     for key, ok in checks.items():
       if not ok:
         raise ValueError(f"data.proposal_noise.{key} must be {expected.get(key, 'a probability in [0, 1]')}, got "
