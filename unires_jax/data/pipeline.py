@@ -28,12 +28,14 @@ from unires_jax import sharding
 from unires_jax.data import records as records_lib
 from unires_jax.data import tokenizer as tokenizer_lib
 from unires_jax.data import transforms
+from unires_jax.proposals import noise as noise_lib
 
 log = logging.getLogger(__name__)
 
 # token_type values (DESIGN.md batch table).
 TEXT, IMAGE_SLOT, OBJECT_SLOT, PART_SLOT = 0, 1, 2, 3
-BOX_SOURCES = ("auto", "proposals", "annotations")
+# data.box_source: the record's proposals (whatever made them), the ground-truth annotation boxes, or no boxes.
+BOX_SOURCES = ("proposals", "annotations", "none")
 TOO_LONG_POLICIES = ("error", "skip")
 # Private per-sample counters; the last stage of the pipeline (in the main process) sums and removes them.
 _COUNTER_KEYS = ("_dropped_object_boxes", "_dropped_part_boxes", "_too_long")
@@ -60,7 +62,8 @@ class DataConfig:
   worker_buffer_size: int = 2
   read_threads: int = 4
   read_buffer_size: int = 64
-  box_source: str = "auto"
+  box_source: str = "annotations"
+  proposal_noise: noise_lib.NoiseConfig = dataclasses.field(default_factory=noise_lib.NoiseConfig)
   targets_first: bool = True
   too_long: str = "error"
   tokenizer_path: str = ""
@@ -72,6 +75,8 @@ class DataConfig:
         s if isinstance(s, SourceConfig) else SourceConfig(**dict(s)) for s in self.sources))
     for name in ("instruction_templates", "answer_templates", "no_target_answer_templates"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
+    if not isinstance(self.proposal_noise, noise_lib.NoiseConfig):
+      object.__setattr__(self, "proposal_noise", noise_lib.NoiseConfig.from_dict(dict(self.proposal_noise)))
     if self.box_source not in BOX_SOURCES:
       raise ValueError(f"data.box_source {self.box_source!r}: expected one of {BOX_SOURCES}")
     if self.too_long not in TOO_LONG_POLICIES:
@@ -239,21 +244,47 @@ def select_boxes(boxes: np.ndarray, is_target: np.ndarray, max_boxes: int) -> tu
   return boxes[order[:max_boxes]], len(boxes) - max_boxes
 
 
-def _granularity_boxes(record: dict, ref: dict, granularity: str, box_source: str,
-                       targets_first: bool) -> tuple[np.ndarray, np.ndarray]:
-  """Boxes of one granularity in original pixels [N, 4], and which of them belong to the referred targets [N]."""
+def _granularity_boxes(record: dict, ref: dict, granularity: str, box_source: str) -> tuple[np.ndarray, np.ndarray]:
+  """Boxes of one granularity in original pixels [N, 4], and which of them stand for the referred targets [N]."""
+  if box_source == "none":
+    return np.zeros((0, 4), np.float32), np.zeros((0,), bool)
   annotations = [a for a in record["annotations"] if a["granularity"] == granularity]
   referred = {int(a) for a in ref["ann_ids"]}
   gt_boxes = np.asarray([a["bbox"] for a in annotations], np.float32).reshape(-1, 4)
   gt_is_target = np.asarray([int(a["ann_id"]) in referred for a in annotations], bool)
+  if box_source == "annotations":
+    return gt_boxes, gt_is_target
   proposals = np.asarray(record["proposals"][granularity], np.float32).reshape(-1, 4)
-  use_proposals = box_source == "proposals" or (box_source == "auto" and len(proposals) > 0)
-  if not use_proposals:
-    return gt_boxes, gt_is_target & targets_first
-  if not targets_first or not gt_is_target.any():
+  if not gt_is_target.any() or not len(proposals):
     return proposals, np.zeros((len(proposals),), bool)
   # A proposal stands for a referred target when it overlaps one of the target boxes with IoU >= 0.5.
   return proposals, box_iou(proposals, gt_boxes[gt_is_target]).max(axis=1) >= 0.5
+
+
+def box_source_of(split_dir: str, data: DataConfig | ml_collections.ConfigDict) -> str:
+  """What the object and part boxes of `split_dir`'s batches are, for metrics files: `records.GT_BOXES_SOURCE`
+  (`data.box_source='annotations'`), `records.NO_BOXES_SOURCE` ('none'), or with 'proposals' the source the
+  split's records name (index.json `proposals.sources`; several sources are listed with their image counts).
+  Training noise is not part of it: it never touches evaluation batches."""
+  box_source = data.box_source
+  if box_source not in BOX_SOURCES:
+    raise ValueError(f"data.box_source {box_source!r}: expected one of {BOX_SOURCES}")
+  if box_source == "annotations":
+    return records_lib.GT_BOXES_SOURCE
+  if box_source == "none":
+    return records_lib.NO_BOXES_SOURCE
+  sources = records_lib.read_index(split_dir).get("proposals", {}).get("sources")
+  if not sources:
+    raise records_lib.RecordError(f"prepared split {split_dir}: {records_lib.INDEX} has no 'proposals.sources' "
+                                  f"(prepared before records carried their proposal source); prepare it again")
+  if len(sources) == 1:
+    return next(iter(sources))
+  return " + ".join(f"{source} on {count} images" for source, count in sorted(sources.items()))
+
+
+def uses_ground_truth_boxes(box_source: str) -> bool:
+  """Whether a `box_source_of` description involves ground-truth boxes (benchmark evaluation refuses those)."""
+  return records_lib.GT_BOXES_SOURCE in box_source
 
 
 def canvas_boxes(boxes: np.ndarray, height: int, width: int, size: int, max_boxes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -324,20 +355,26 @@ class SampleEncoder:
     out = dict(image_low=transforms.preprocess_image(pixels, layout.image_size_low),    # [S_l, S_l, 3]
                image_high=transforms.preprocess_image(pixels, layout.image_size_high))  # [S_h, S_h, 3]
 
-    targets_first = data.targets_first and self.train
-    dropped = {}
-    for granularity, max_boxes in (("object", layout.max_object_boxes), ("part", layout.max_part_boxes)):
-      boxes, is_target = _granularity_boxes(record, ref, granularity, data.box_source, targets_first)
-      kept, dropped[granularity] = select_boxes(boxes, is_target, max_boxes)
-      out[f"{granularity}_boxes"], out[f"{granularity}_box_mask"] = canvas_boxes(
-          kept, height, width, layout.image_size_high, max_boxes)
-
     has_target = bool(ref["ann_ids"])
     pick = (lambda n: int(rng.integers(n))) if (self.train and rng is not None) else (lambda n: 0)
     phrase = sample["sentence"]["sent"].strip()
     instruction = data.instruction_templates[pick(len(data.instruction_templates))].format(phrase=phrase)
     answers = data.answer_templates if has_target else data.no_target_answer_templates
     answer = answers[pick(len(answers))].format(phrase=phrase)
+
+    # Drawn after the templates, so switching the noise on leaves every sample's template choice unchanged.
+    noise = data.proposal_noise if self.train else noise_lib.NoiseConfig(enabled=False)
+    if noise.enabled and rng is None:
+      raise ValueError("data.proposal_noise.enabled needs the training map's per-sample rng (random_map)")
+    noise_rng = np.random.default_rng([noise.seed, int(rng.integers(2**63))]) if noise.enabled else None
+    targets_first = data.targets_first and self.train
+    dropped = {}
+    for granularity, max_boxes in (("object", layout.max_object_boxes), ("part", layout.max_part_boxes)):
+      boxes, is_target = _granularity_boxes(record, ref, granularity, data.box_source)
+      boxes, is_target = noise_lib.perturb(boxes, is_target, height, width, noise_rng, noise)
+      kept, dropped[granularity] = select_boxes(boxes, is_target & targets_first, max_boxes)
+      out[f"{granularity}_boxes"], out[f"{granularity}_box_mask"] = canvas_boxes(
+          kept, height, width, layout.image_size_high, max_boxes)
     text = encode_text(self.tokenizer, layout, instruction, answer)
     too_long = text is None
     if too_long:
