@@ -15,7 +15,7 @@ Keys:
     default, for training), 'proposals' (the record's `proposals`, whatever source made them: detection files,
     `sam`, ...; what benchmark evaluation uses) or 'none' (no boxes; every slot masked).
     `pipeline.box_source_of(split_dir, data)` says which boxes a split's batches carry, for metrics files.
-  proposal_noise: training-only box noise (unires_jax/proposals/noise.py): enabled (False), jitter (centre shift
+  proposal_noise: training-only box noise (unires_jax/data/proposal_noise.py): enabled (False), jitter (centre shift
     and size change as a fraction of the box's size), drop_target_prob / drop_other_prob (chance that a referred
     target's / any other box is removed), false_positives (mean number of spurious boxes added per image and
     granularity, Poisson), shifted_copy_prob (share of those that are copies of a real box moved by 0.5-1 of its

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from unires_jax.data import pipeline
-from unires_jax.proposals import noise
+from unires_jax.data import proposal_noise as noise
 
 H, W = 200, 300
 

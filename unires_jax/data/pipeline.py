@@ -28,7 +28,7 @@ from unires_jax import sharding
 from unires_jax.data import records as records_lib
 from unires_jax.data import tokenizer as tokenizer_lib
 from unires_jax.data import transforms
-from unires_jax.proposals import noise as noise_lib
+from unires_jax.data import proposal_noise as noise_lib
 
 log = logging.getLogger(__name__)
 
