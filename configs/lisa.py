@@ -35,8 +35,8 @@ def lisa_model_config(size: str = "7b") -> ml_collections.ConfigDict:
   """The `model` section of LISA at `size` (one of SIZES)."""
   if size == "tiny":
     vit = common._vit(image_size=56, patch_size=14, width=32, depth=2, num_heads=4, mlp_dim=64)
-    llm = common._llm(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, mlp_dim=128,
-                      max_seq_len=128)
+    llm = common._llm(vocab_size=320, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, mlp_dim=128,
+                      max_seq_len=352)  # room for the llava_v1 system text under a near-character-level tokenizer
     sam_vit = dict(image_size=64, patch_size=16, width=32, depth=2, num_heads=2, mlp_dim=64, window_size=2,
                    global_attn_indexes=[1], out_channels=32)
     mask_decoder = common._mask_decoder(dim=32, depth=2, num_heads=4, mlp_dim=64)
@@ -87,7 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.system_prompt = LLAVA_V1_SYSTEM
   c.data.instruction_templates = list(QUESTIONS)
   c.data.answer_templates = list(ANSWERS)
-  c.data.max_text_len = 96 if size == "tiny" else 512
+  c.data.max_text_len = 320 if size == "tiny" else 512
   c.train = common.train_config(
       total_steps=10000, log_every=20, checkpoint_every=1000,
       frozen=("vision_low/.*", "sam_vit/.*", "llm/layers/.*", "llm/norm/.*"),
