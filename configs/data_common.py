@@ -28,6 +28,9 @@ Keys:
   tokenizer_path: a SentencePiece model (LLaMA tokenizer.model for the full run); empty: the toy tokenizer,
     trained once from the sources' sentences at toy_tokenizer_prefix (empty: <first source>/toy_tokenizer)
     with toy_tokenizer_vocab_size pieces.
+  prompt_style: 'unires' (the visual prefix of image, object and part slots, then `USER: ... ASSISTANT:`) or
+    'llava_v1' (LISA's `<s>{system_prompt} USER: <im_start><image>×Ni<im_end>\n... ASSISTANT:`, image slots only).
+  system_prompt: the llava_v1 system text (unused by 'unires').
 """
 
 from __future__ import annotations
@@ -78,4 +81,6 @@ def data_config(run: str = "toy", sources: Sequence[tuple[str, float] | str] = (
       tokenizer_path="",
       toy_tokenizer_prefix="",
       toy_tokenizer_vocab_size=512,
+      prompt_style="unires",  # or "llava_v1" (LISA: system text, image group only; configs/lisa.py)
+      system_prompt="",
   ))

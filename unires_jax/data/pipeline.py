@@ -69,6 +69,8 @@ class DataConfig:
   tokenizer_path: str = ""
   toy_tokenizer_prefix: str = ""
   toy_tokenizer_vocab_size: int = 512
+  prompt_style: str = "unires"
+  system_prompt: str = ""
 
   def __post_init__(self):
     object.__setattr__(self, "sources", tuple(
@@ -79,6 +81,8 @@ class DataConfig:
       object.__setattr__(self, "proposal_noise", noise_lib.NoiseConfig.from_dict(dict(self.proposal_noise)))
     if self.box_source not in BOX_SOURCES:
       raise ValueError(f"data.box_source {self.box_source!r}: expected one of {BOX_SOURCES}")
+    if self.prompt_style not in PROMPT_STYLES:
+      raise ValueError(f"data.prompt_style {self.prompt_style!r}: expected one of {sorted(PROMPT_STYLES)}")
     if self.too_long not in TOO_LONG_POLICIES:
       raise ValueError(f"data.too_long {self.too_long!r}: expected one of {TOO_LONG_POLICIES}")
     if any(s.weight <= 0 for s in self.sources):
@@ -108,6 +112,8 @@ class Layout:
   max_object_boxes: int
   max_part_boxes: int
   max_text_len: int
+  prompt_style: str = "unires"  # a key of PROMPT_STYLES
+  system_prompt: str = ""
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> Layout:
@@ -117,7 +123,11 @@ class Layout:
     layout = cls(image_size_low=int(vit.image_size), image_size_high=int(config.model.convnext.image_size),
                  num_image_slots=(vit.image_size // vit.patch_size) ** 2,
                  max_object_boxes=int(flow.max_object_boxes), max_part_boxes=int(flow.max_part_boxes),
-                 max_text_len=int(config.data.max_text_len))
+                 max_text_len=int(config.data.max_text_len),
+                 prompt_style=str(config.data.get("prompt_style", "unires")),
+                 system_prompt=str(config.data.get("system_prompt", "")))
+    if layout.prompt_style not in PROMPT_STYLES:
+      raise ValueError(f"data.prompt_style {layout.prompt_style!r}: expected one of {sorted(PROMPT_STYLES)}")
     if layout.max_text_len > config.model.llm.max_seq_len:
       raise ValueError(f"data.max_text_len {layout.max_text_len} exceeds model.llm.max_seq_len "
                        f"{config.model.llm.max_seq_len}")
@@ -128,7 +138,9 @@ class Layout:
 
   @property
   def prefix_len(self) -> int:
-    """`<s>` plus the three marked groups of visual slots."""
+    """`<s>` plus the marked groups of visual slots (llava_v1: the image group only; its system text not counted)."""
+    if self.prompt_style == "llava_v1":
+      return 1 + self.num_image_slots + 2
     return 1 + (self.num_image_slots + 2) + (self.max_object_boxes + 2) + (self.max_part_boxes + 2)
 
 
@@ -163,11 +175,41 @@ def visual_prefix(tokenizer: tokenizer_lib.Tokenizer, layout: Layout) -> tuple[l
   return ids, types
 
 
-def prompt_ids(tokenizer: tokenizer_lib.Tokenizer, layout: Layout, instruction: str) -> tuple[list[int], list[int]]:
-  """The whole prompt up to and including `ASSISTANT:`: (ids, token_type). Inference generates from here."""
+def unires_prompt(tokenizer: tokenizer_lib.Tokenizer, layout: Layout,
+                  instruction: str) -> tuple[list[int], list[int]]:
+  """UniRES++: the visual prefix, then `USER: {instruction} ASSISTANT:`."""
   ids, types = visual_prefix(tokenizer, layout)
   question = tokenizer.encode(f"USER: {instruction} ASSISTANT:")
   return ids + question, types + [TEXT] * len(question)
+
+
+def llava_v1_prompt(tokenizer: tokenizer_lib.Tokenizer, layout: Layout,
+                    instruction: str) -> tuple[list[int], list[int]]:
+  """LISA / LLaVA-1: `<s>{system} USER: <im_start><image>×Ni<im_end>\n{instruction} ASSISTANT:`.
+
+  Only image slots exist (a layout with object or part slots is refused); the system text is `data.system_prompt`.
+  """
+  if layout.max_object_boxes or layout.max_part_boxes:
+    raise ValueError(f"data.prompt_style 'llava_v1' has no object/part slots, but the model has "
+                     f"{layout.max_object_boxes} object and {layout.max_part_boxes} part boxes "
+                     f"(model.vision_flow.max_object_boxes / max_part_boxes must be 0)")
+  special = tokenizer.special_ids
+  head = tokenizer.encode(f"{layout.system_prompt} USER:" if layout.system_prompt else "USER:")
+  image = ([special[tokenizer_lib.IMAGE_START]] + [special[tokenizer_lib.IMAGE_TOKEN]] * layout.num_image_slots
+           + [special[tokenizer_lib.IMAGE_END]])
+  question = tokenizer.encode(f"\n{instruction} ASSISTANT:")
+  ids = [tokenizer.bos_id] + head + image + question
+  types = [TEXT] * (1 + len(head)) + [TEXT] + [IMAGE_SLOT] * layout.num_image_slots + [TEXT] + [TEXT] * len(question)
+  return ids, types
+
+
+# data.prompt_style → the prompt builder (ids, token_type) up to and including `ASSISTANT:`.
+PROMPT_STYLES = {"unires": unires_prompt, "llava_v1": llava_v1_prompt}
+
+
+def prompt_ids(tokenizer: tokenizer_lib.Tokenizer, layout: Layout, instruction: str) -> tuple[list[int], list[int]]:
+  """The whole prompt up to and including `ASSISTANT:`: (ids, token_type). Inference generates from here."""
+  return PROMPT_STYLES[layout.prompt_style](tokenizer, layout, instruction)
 
 
 def _pack(tokenizer: tokenizer_lib.Tokenizer, length: int, ids: list[int], types: list[int],
