@@ -33,7 +33,7 @@ from unires_jax.convert.unires import export_unires  # noqa: E402
 from unires_jax.models.unires import UniRESConfig  # noqa: E402
 from unires_jax.train import lora as lora_lib  # noqa: E402
 
-HEADS_FILE = "unires.safetensors"  # unires_jax.torch_model.HEADS_FILE
+HEADS_FILE = "unires.safetensors"  # unires_jax.convert.torch_model.HEADS_FILE
 SAFETENSORS_METADATA = {"format": "pt"}
 
 

@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 
 from configs import tiny  # noqa: E402
 from scripts import convert_to_pytorch  # noqa: E402
-from unires_jax import torch_model  # noqa: E402
+from unires_jax.convert import torch_model  # noqa: E402
 from unires_jax.convert import mapping  # noqa: E402
 from unires_jax.convert import unires as convert_unires  # noqa: E402
 from unires_jax.models.example_batch import example_batch  # noqa: E402

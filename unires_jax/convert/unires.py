@@ -1,6 +1,6 @@
 """The whole-model UniRES table: the per-module tables under their prefixes plus the UniRES-only parts.
 
-PyTorch names are those of `unires_jax.torch_model.UniRESTorch.state_dict()`:
+PyTorch names are those of `unires_jax.convert.torch_model.UniRESTorch.state_dict()`:
 
 | JAX params key | PyTorch prefix | layout |
 |---|---|---|

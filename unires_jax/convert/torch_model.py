@@ -18,48 +18,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unires_jax.convert import hf_configs
+
 TOKEN_TEXT, TOKEN_IMAGE, TOKEN_OBJECT, TOKEN_PART = 0, 1, 2, 3
 GRANULARITIES = ("image", "object", "part")
 NECK_NORM_EPS = 1e-6
 HEADS_FILE = "unires.safetensors"
 
 
-# --- transformers configs from the `model` config section -----------------------------------------------------------
+# --- transformers configs from the `model` config section (convert/hf_configs.py) ---------------------------------
 def llama_hf_config(llm: Mapping[str, Any]):
   from transformers import LlamaConfig
-  return LlamaConfig(
-      vocab_size=llm["vocab_size"], hidden_size=llm["hidden_size"], intermediate_size=llm["mlp_dim"],
-      num_hidden_layers=llm["num_layers"], num_attention_heads=llm["num_heads"],
-      num_key_value_heads=llm["num_kv_heads"], head_dim=llm["head_dim"], hidden_act="silu",
-      max_position_embeddings=llm["max_seq_len"], rms_norm_eps=llm["rms_norm_eps"],
-      tie_word_embeddings=llm["tie_embeddings"],
-      rope_parameters={"rope_type": "default", "rope_theta": float(llm["rope_theta"])}, attention_bias=False,
-      mlp_bias=False, attn_implementation="eager")
+  return LlamaConfig(**hf_configs.llama_config_to_hf(llm), attn_implementation="eager")
 
 
 def clip_hf_config(vit: Mapping[str, Any]):
   from transformers import CLIPVisionConfig
-  return CLIPVisionConfig(hidden_size=vit["width"], intermediate_size=vit["mlp_dim"], num_hidden_layers=vit["depth"],
-                          num_attention_heads=vit["num_heads"], num_channels=3, image_size=vit["image_size"],
-                          patch_size=vit["patch_size"], hidden_act="quick_gelu",
-                          layer_norm_eps=vit["layer_norm_eps"], attention_dropout=0.0, attn_implementation="eager")
+  return CLIPVisionConfig(**hf_configs.clip_vit_config_to_hf(vit), attn_implementation="eager")
 
 
 def convnext_hf_config(convnext: Mapping[str, Any]):
   from transformers import ConvNextConfig
-  return ConvNextConfig(num_channels=3, patch_size=4, num_stages=4, hidden_sizes=list(convnext["dims"]),
-                        depths=list(convnext["depths"]), hidden_act="gelu", layer_norm_eps=convnext["layer_norm_eps"],
-                        layer_scale_init_value=convnext["layer_scale_init"], drop_path_rate=0.0,
-                        image_size=convnext["image_size"])
+  return ConvNextConfig(**hf_configs.convnext_config_to_hf(convnext))
 
 
 def sam_decoder_hf_config(decoder: Mapping[str, Any]):
   from transformers import SamMaskDecoderConfig
-  config = SamMaskDecoderConfig(
-      hidden_size=decoder["transformer_dim"], mlp_dim=decoder["mlp_dim"], num_hidden_layers=decoder["depth"],
-      num_attention_heads=decoder["num_heads"], attention_downsample_rate=decoder["attention_downsample_rate"],
-      num_multimask_outputs=decoder["num_multimask_outputs"], iou_head_depth=decoder["iou_head_depth"],
-      iou_head_hidden_dim=decoder["iou_head_hidden_dim"], layer_norm_eps=decoder["layer_norm_eps"])
+  config = SamMaskDecoderConfig(**hf_configs.sam_decoder_config_to_hf(decoder))
   config._attn_implementation = "eager"  # the decoder is used standalone, outside a SamModel that would set it
   return config
 
