@@ -103,8 +103,8 @@ def prompt_settings(config: ml_collections.ConfigDict) -> dict:
 def _tokenizer_path(config: ml_collections.ConfigDict, override: str | None) -> str | None:
   if override:
     return override
-  if "data" not in config:
-    return None
+  if "data" not in config or not (config.data.get("tokenizer_path") or config.data.get("sources")):
+    return None  # e.g. an import that names no tokenizer
   from unires_jax.data import pipeline
   return pipeline.resolve_tokenizer(config)
 

@@ -10,7 +10,6 @@ batches. The choices (box selection, too-long samples, the answer span) are docu
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import math
 import os
@@ -22,7 +21,6 @@ import jax
 import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from PIL import Image
 
 from unires_jax import sharding
 from unires_jax.data import records as records_lib
@@ -31,7 +29,8 @@ from unires_jax.data import transforms
 from unires_jax.data import proposal_noise as noise_lib
 # The JAX-free prompt and box helpers, re-exported: the pipeline's callers name them `pipeline.X`.
 from unires_jax.data.prompts import (IMAGE_SLOT, OBJECT_SLOT, PART_SLOT, PROMPT_STYLES, TEXT, Layout,  # noqa: F401
-                                     box_area, box_iou, canvas_boxes, llava_v1_prompt, prompt_ids, select_boxes,
+                                     box_area, box_iou, canvas_boxes, granularity_boxes,
+                                     llava_v1_prompt, prompt_ids, select_boxes,
                                      unires_prompt, visual_prefix)
 
 log = logging.getLogger(__name__)
@@ -163,23 +162,6 @@ def inert_text(tokenizer: tokenizer_lib.Tokenizer, layout: Layout, instruction: 
 # ------------------------------------------------------------------------------------------------- boxes
 
 
-def _granularity_boxes(record: dict, ref: dict, granularity: str, box_source: str) -> tuple[np.ndarray, np.ndarray]:
-  """Boxes of one granularity in original pixels [N, 4], and which of them stand for the referred targets [N]."""
-  if box_source == "none":
-    return np.zeros((0, 4), np.float32), np.zeros((0,), bool)
-  annotations = [a for a in record["annotations"] if a["granularity"] == granularity]
-  referred = {int(a) for a in ref["ann_ids"]}
-  gt_boxes = np.asarray([a["bbox"] for a in annotations], np.float32).reshape(-1, 4)
-  gt_is_target = np.asarray([int(a["ann_id"]) in referred for a in annotations], bool)
-  if box_source == "annotations":
-    return gt_boxes, gt_is_target
-  proposals = np.asarray(record["proposals"][granularity], np.float32).reshape(-1, 4)
-  if not gt_is_target.any() or not len(proposals):
-    return proposals, np.zeros((len(proposals),), bool)
-  # A proposal stands for a referred target when it overlaps one of the target boxes with IoU >= 0.5.
-  return proposals, box_iou(proposals, gt_boxes[gt_is_target]).max(axis=1) >= 0.5
-
-
 def box_source_of(split_dir: str, data: DataConfig | ml_collections.ConfigDict) -> str:
   """What the object and part boxes of `split_dir`'s batches are, for metrics files: `records.GT_BOXES_SOURCE`
   (`data.box_source='annotations'`), `records.NO_BOXES_SOURCE` ('none'), or with 'proposals' the source the
@@ -209,18 +191,7 @@ def uses_ground_truth_boxes(box_source: str) -> bool:
 # ------------------------------------------------------------------------------------------- one sample
 
 
-def decode_image(record: dict) -> np.ndarray:
-  """uint8 [h, w, 3] from the record's encoded bytes; the size must match the record's height/width."""
-  where = f"{record['dataset']}/{record['image_id']} ({record['file_name']})"
-  try:
-    with Image.open(io.BytesIO(record["image_bytes"])) as image:
-      pixels = np.asarray(image.convert("RGB"), np.uint8)
-  except (OSError, ValueError) as error:
-    raise records_lib.RecordError(f"record {where}: image_bytes do not decode ({error})") from error
-  if pixels.shape[:2] != (record["height"], record["width"]):
-    raise records_lib.RecordError(f"record {where}: image decodes to {pixels.shape[:2]}, the record says "
-                                  f"{(record['height'], record['width'])}")
-  return pixels
+decode_image = records_lib.decode_image  # re-exported: callers name it `pipeline.decode_image`
 
 
 class SampleEncoder:
@@ -279,7 +250,7 @@ class SampleEncoder:
     targets_first = data.targets_first and self.train
     dropped = {}
     for granularity, max_boxes in (("object", layout.max_object_boxes), ("part", layout.max_part_boxes)):
-      boxes, is_target = _granularity_boxes(record, ref, granularity, data.box_source)
+      boxes, is_target = granularity_boxes(record, ref, granularity, data.box_source)
       boxes, is_target = noise_lib.perturb(boxes, is_target, height, width, noise_rng, noise)
       kept, dropped[granularity] = select_boxes(boxes, is_target & targets_first, max_boxes)
       out[f"{granularity}_boxes"], out[f"{granularity}_box_mask"] = canvas_boxes(

@@ -153,6 +153,23 @@ def select_boxes(boxes: np.ndarray, is_target: np.ndarray, max_boxes: int) -> tu
   return boxes[order[:max_boxes]], len(boxes) - max_boxes
 
 
+def granularity_boxes(record: dict, ref: dict, granularity: str, box_source: str) -> tuple[np.ndarray, np.ndarray]:
+  """Boxes of one granularity in original pixels [N, 4], and which of them stand for the referred targets [N]."""
+  if box_source == "none":
+    return np.zeros((0, 4), np.float32), np.zeros((0,), bool)
+  annotations = [a for a in record["annotations"] if a["granularity"] == granularity]
+  referred = {int(a) for a in ref["ann_ids"]}
+  gt_boxes = np.asarray([a["bbox"] for a in annotations], np.float32).reshape(-1, 4)
+  gt_is_target = np.asarray([int(a["ann_id"]) in referred for a in annotations], bool)
+  if box_source == "annotations":
+    return gt_boxes, gt_is_target
+  proposals = np.asarray(record["proposals"][granularity], np.float32).reshape(-1, 4)
+  if not gt_is_target.any() or not len(proposals):
+    return proposals, np.zeros((len(proposals),), bool)
+  # A proposal stands for a referred target when it overlaps one of the target boxes with IoU >= 0.5.
+  return proposals, box_iou(proposals, gt_boxes[gt_is_target]).max(axis=1) >= 0.5
+
+
 def canvas_boxes(boxes: np.ndarray, height: int, width: int, size: int, max_boxes: int) -> tuple[np.ndarray, np.ndarray]:
   """Original-pixel boxes [K, 4] → padded canvas boxes [max, 4] and their mask [max]."""
   clipped = np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
