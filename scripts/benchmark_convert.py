@@ -84,7 +84,7 @@ def benchmark_size(size: str, workdir: str, repeats: int) -> dict:
 
   import torch
 
-  from unires_jax.torch_model import UniRESTorch
+  from unires_jax.convert.torch_model import UniRESTorch
   model = UniRESTorch.from_exported(out)
   torch_batch = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
   with torch.no_grad():

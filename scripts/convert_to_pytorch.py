@@ -1,19 +1,25 @@
 """Exports a UniRES checkpoint to PyTorch: transformers folders for the LLM and ViT, safetensors for the rest.
 
     python scripts/convert_to_pytorch.py --workdir /runs/toy --out /exports/toy
-    python scripts/convert_to_pytorch.py --checkpoint /runs/toy/checkpoints/2000 --out /exports/toy
+    python scripts/convert_to_pytorch.py --checkpoint /ckpt/lisa7b --out /exports/lisa7b --dtype bfloat16
 
-OUT/llm/ loads with `LlamaForCausalLM.from_pretrained`, OUT/vision_tower/ with `CLIPVisionModel.from_pretrained`,
-OUT/unires.safetensors holds every other tensor under the names of `unires_jax/convert/unires.py`, OUT/config.json
-the run's model config, OUT/tokenizer.model the run's SentencePiece model. `UniRESTorch.from_exported(OUT)` runs
-it without JAX. LoRA factors are merged into their kernels unless `--keep-lora` (then they go to lora.safetensors
-and the exported base weights are the unmerged ones).
+OUT/llm/ loads with `LlamaForCausalLM.from_pretrained`, OUT/vision_tower/ with `CLIPVisionModel.from_pretrained`;
+every other tensor goes to OUT/unires*.safetensors under the names of `unires_jax/convert/unires.py`. Each of the
+three is sharded in the HF convention (`{prefix}-0000i-of-0000n.safetensors` + `{prefix}.safetensors.index.json`)
+once it exceeds `--max-shard-size`, in `--dtype`. Tensors are converted and written one table entry at a time, so
+beside the checkpoint's params the host holds at most one shard. OUT/config.json holds the run's model config, the
+prompt settings `predict` needs and the export summary; OUT/tokenizer.model (with `added_tokens.json` when the run's
+tokenizer has one) the run's tokenizer; OUT/README.md the model card. LoRA factors are merged into their kernels
+unless `--keep-lora` (then the base weights stay unmerged and the factors go to OUT/lora.safetensors in PEFT's
+layout, `<linear>.lora_A` [r, in] and `<linear>.lora_B` [out, r], with `scale = alpha / rank` in its metadata).
+`UniRESTorch.from_exported(OUT)` runs it without JAX.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -21,37 +27,22 @@ import time
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
-from unires_jax.convert import checkpoints, mapping  # noqa: E402
-from unires_jax.convert.clip_vit import clip_vit_config_to_hf, export_clip_vit  # noqa: E402
-from unires_jax.convert.llama import llama_config_to_hf  # noqa: E402
-from unires_jax.convert.unires import export_unires  # noqa: E402
+from unires_jax.convert import checkpoints, mapping, model_card, shards  # noqa: E402
+from unires_jax.convert.hf_configs import clip_vit_config_to_hf, llama_config_to_hf  # noqa: E402
+from unires_jax.convert.unires import unires_parts  # noqa: E402
 from unires_jax.models.unires import UniRESConfig  # noqa: E402
 from unires_jax.train import lora as lora_lib  # noqa: E402
 
-HEADS_FILE = "unires.safetensors"  # unires_jax.torch_model.HEADS_FILE
-SAFETENSORS_METADATA = {"format": "pt"}
-
-
-def _save_hf_folder(directory: str, state_dict: dict, hf_config: dict) -> None:
-  os.makedirs(directory, exist_ok=True)
-  save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, os.path.join(directory, "model.safetensors"),
-            metadata=SAFETENSORS_METADATA)
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(hf_config, f, indent=2)
-
-
-def _tokenizer_path(config: ml_collections.ConfigDict, override: str | None) -> str | None:
-  if override:
-    return override
-  if "data" not in config:
-    return None
-  from unires_jax.data import pipeline
-  return pipeline.resolve_tokenizer(config)
+HEADS_PREFIX = "unires"  # unires_jax.convert.torch_model.HEADS_PREFIX
+LORA_FILE = "lora.safetensors"
+# Which writer each part's tensors go to, and the prefix stripped from their names there.
+FOLDERS = {"llm": ("llm", "llm."), "vision_tower": ("vision_tower", "vision_tower.")}
 
 
 def merge_or_split_lora(params: dict, config: ml_collections.ConfigDict,
@@ -66,45 +57,136 @@ def merge_or_split_lora(params: dict, config: ml_collections.ConfigDict,
   return jax.tree.map(np.asarray, merged), None
 
 
+def _entry_tensors(entry: mapping.Entry, value: np.ndarray):
+  """(torch name, array) of one table entry, layer by layer for a stacked entry."""
+  if entry.stacked:
+    for i in range(value.shape[0]):
+      yield from zip((n.format(i=i) for n in entry.torch_names), mapping._as_tuple(entry.to_torch(value[i])))
+  else:
+    yield from zip(entry.torch_names, mapping._as_tuple(entry.to_torch(value)))
+
+
+def lora_factors_to_torch(lora: dict, cfg: UniRESConfig, flat: dict) -> dict[str, np.ndarray]:
+  """JAX LoRA factors {'path.kernel': {'a': [S, in, r], 'b': [S, r, out]}} → PEFT-layout factors under the
+  PyTorch Linear names. Refused (naming the kernel) where the table's layout of a kernel is not `reshape(in, out).T`,
+  so that the factors could not be applied to the exported weight."""
+  entries = {e.jax_path: e for part in unires_parts(cfg) for e in part.entries}
+  out = {}
+  for key, factors in sorted(lora.items()):
+    path = key.replace(".", "/")
+    entry = entries.get(path)
+    if entry is None or len(entry.torch_names) != 1 or not entry.torch_names[0].endswith(".weight"):
+      raise KeyError(f"--keep-lora: kernel {path!r} has no single PyTorch Linear weight in the export table")
+    a, b = np.asarray(factors["a"], np.float32), np.asarray(factors["b"], np.float32)  # [S, in, r], [S, r, out]
+    layer_shape = flat[path].shape[1:] if entry.stacked else flat[path].shape
+    probe = np.arange(a.shape[1] * b.shape[2], dtype=np.float32).reshape(a.shape[1], b.shape[2])  # [in, out]
+    torch_probe = np.asarray(mapping._as_tuple(entry.to_torch(probe.reshape(layer_shape)))[0])
+    if not np.array_equal(torch_probe, probe.T):
+      raise ValueError(f"--keep-lora: the export layout of {path!r} is not a plain [in, out] transpose; merge the "
+                       f"factors instead (drop --keep-lora)")
+    module = entry.torch_names[0][:-len(".weight")]
+    for layer in range(a.shape[0]):
+      name = module.format(i=layer) if entry.stacked else module
+      out[f"{name}.lora_A"] = np.ascontiguousarray(a[layer].T)  # [r, in]
+      out[f"{name}.lora_B"] = np.ascontiguousarray(b[layer].T)  # [out, r]
+  return out
+
+
+def prompt_settings(config: ml_collections.ConfigDict) -> dict:
+  """What `predict` needs to build prompts as the run's eval pipeline does (`data/prompts.py`)."""
+  data = config.data
+  return {"max_text_len": int(data.max_text_len), "instruction_template": str(data.instruction_templates[0]),
+          "prompt_style": str(data.get("prompt_style", "unires")), "system_prompt": str(data.get("system_prompt", "")),
+          "max_new_tokens": int(config.get("eval", {}).get("max_new_tokens", 16))}
+
+
+def _tokenizer_path(config: ml_collections.ConfigDict, override: str | None) -> str | None:
+  if override:
+    return override
+  if "data" not in config or not (config.data.get("tokenizer_path") or config.data.get("sources")):
+    return None  # e.g. an import that names no tokenizer
+  from unires_jax.data import pipeline
+  return pipeline.resolve_tokenizer(config)
+
+
 def convert_to_pytorch(params: dict, config: ml_collections.ConfigDict, out_dir: str, keep_lora: bool = False,
-                       tokenizer: str | None = None) -> dict:
+                       tokenizer: str | None = None, dtype: str = "float32",
+                       max_shard_bytes: int = shards.DEFAULT_MAX_SHARD_BYTES, source: str = "(in memory)",
+                       step: int | None = None, workdir: str | None = None) -> dict:
   """Writes the export of `params` to `out_dir`; returns a summary (files, tensor counts, seconds)."""
   start = time.perf_counter()
+  shards.numpy_dtype(dtype)  # refuses an unknown dtype before anything is written
   cfg = UniRESConfig.from_config(config.model)
   had_lora = lora_lib.LORA_KEY in params
   params, lora = merge_or_split_lora(params, config, keep_lora)
-  state_dict = export_unires(params, cfg)
-  llm = {k[len("llm."):]: v for k, v in state_dict.items() if k.startswith("llm.")}
-  if cfg.llm.tie_embeddings:
-    llm["lm_head.weight"] = llm["model.embed_tokens.weight"]
-  heads = {k: v for k, v in state_dict.items() if not k.startswith(("llm.", "vision_tower."))}
-
-  os.makedirs(out_dir, exist_ok=True)
-  _save_hf_folder(os.path.join(out_dir, "llm"), llm,
-                  dict(llama_config_to_hf(cfg.llm), model_type="llama", architectures=["LlamaForCausalLM"],
-                       torch_dtype="float32"))
-  _save_hf_folder(os.path.join(out_dir, "vision_tower"), export_clip_vit(params["vision_low"], cfg.vit),
-                  dict(clip_vit_config_to_hf(cfg.vit), model_type="clip_vision_model",
-                       architectures=["CLIPVisionModel"], torch_dtype="float32"))
-  save_file({k: np.ascontiguousarray(v) for k, v in heads.items()}, os.path.join(out_dir, HEADS_FILE),
-            metadata=SAFETENSORS_METADATA)
-  files = ["llm/", "vision_tower/", HEADS_FILE, "config.json"]
+  flat = mapping.flatten_params(nn.meta.unbox(dict(params)))
+  writers = {"llm": shards.ShardWriter(os.path.join(out_dir, "llm"), "model", dtype, max_shard_bytes),
+             "vision_tower": shards.ShardWriter(os.path.join(out_dir, "vision_tower"), "model", dtype,
+                                                max_shard_bytes),
+             "heads": shards.ShardWriter(out_dir, HEADS_PREFIX, dtype, max_shard_bytes)}
+  claimed, counts = set(), {name: 0 for name in writers}
+  for part in unires_parts(cfg):
+    target, strip = FOLDERS.get(part.name, ("heads", ""))
+    for entry in part.entries:
+      if entry.jax_path not in flat:
+        raise KeyError(f"export: parameter {entry.jax_path!r} is missing from the checkpoint's params")
+      claimed.add(entry.jax_path)
+      for name, tensor in _entry_tensors(entry, np.asarray(flat[entry.jax_path])):
+        stripped = name[len(strip):] if target != "heads" else name
+        if target == "vision_tower":
+          stripped = "vision_model." + stripped  # CLIPVisionModel's on-disk names
+        writers[target].add(stripped, tensor)
+        counts[target] += 1
+        if target == "llm" and cfg.llm.tie_embeddings and stripped == "model.embed_tokens.weight":
+          writers[target].add("lm_head.weight", tensor)
+          counts[target] += 1
+  unclaimed = sorted(set(flat) - claimed)
+  if unclaimed:
+    raise KeyError(f"export: parameter {unclaimed[0]!r} has no table entry ({len(unclaimed)} unclaimed)")
+  files = {name: writer.close() for name, writer in writers.items()}
+  hf_configs = {"llm": dict(llama_config_to_hf(cfg.llm), model_type="llama", architectures=["LlamaForCausalLM"]),
+                "vision_tower": dict(clip_vit_config_to_hf(cfg.vit), model_type="clip_vision_model",
+                                     architectures=["CLIPVisionModel"])}
+  for folder, hf_config in hf_configs.items():
+    with open(os.path.join(out_dir, folder, "config.json"), "w") as f:
+      json.dump(dict(hf_config, torch_dtype=dtype), f, indent=2)
+  listing = ["llm/", "vision_tower/"] + files["heads"] + ["config.json", model_card.CARD_FILE]
   if lora is not None:
-    flat = mapping.flatten_params(lora)
-    save_file({k.replace("/", "."): np.ascontiguousarray(np.asarray(v)) for k, v in flat.items()},
-              os.path.join(out_dir, "lora.safetensors"), metadata=SAFETENSORS_METADATA)
-    files.append("lora.safetensors")
+    lora_cfg = config.train.lora
+    save_file(lora_factors_to_torch(lora, cfg, flat), os.path.join(out_dir, LORA_FILE),
+              metadata={"format": "pt", "scale": repr(float(lora_cfg.alpha) / int(lora_cfg.rank)),
+                        "rank": str(int(lora_cfg.rank)), "alpha": repr(float(lora_cfg.alpha))})
+    listing.append(LORA_FILE)
   tokenizer = _tokenizer_path(config, tokenizer)
   if tokenizer:
-    for target in (os.path.join(out_dir, "tokenizer.model"), os.path.join(out_dir, "llm", "tokenizer.model")):
-      shutil.copyfile(tokenizer, target)
-    files.append("tokenizer.model")
-  summary = {"files": files, "num_llm_tensors": len(llm), "num_head_tensors": len(heads),
-             "lora": ("kept" if keep_lora else "merged") if had_lora else "none",
+    added = os.path.join(os.path.dirname(os.path.abspath(tokenizer)), "added_tokens.json")
+    for folder in (out_dir, os.path.join(out_dir, "llm")):
+      shutil.copyfile(tokenizer, os.path.join(folder, "tokenizer.model"))
+      if os.path.exists(added):
+        shutil.copyfile(added, os.path.join(folder, "added_tokens.json"))
+    listing.append("tokenizer.model")
+  summary = {"files": listing, "num_llm_tensors": counts["llm"], "num_head_tensors": counts["heads"],
+             "lora": ("kept" if keep_lora else "merged") if had_lora else "none", "dtype": dtype,
+             "max_shard_bytes": int(max_shard_bytes), "source": source, "step": step,
              "tokenizer": tokenizer, "seconds": time.perf_counter() - start}
+  exported = {"model": config.model.to_dict(), "export": summary}
+  if "data" in config:
+    exported["prompt"] = prompt_settings(config)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump({"model": config.model.to_dict(), "export": summary}, f, indent=2)
+    json.dump(exported, f, indent=2)
+  with open(os.path.join(out_dir, model_card.CARD_FILE), "w") as f:
+    f.write(model_card.model_card(config.to_dict(), source, step, workdir, summary))
   return summary
+
+
+def _size_bytes(text: str) -> int:
+  """`2GB`, `500MB`, `1.5GiB`, or a number of bytes."""
+  units = {"kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "b": 1}
+  lowered = text.strip().lower()
+  for unit in sorted(units, key=len, reverse=True):
+    if lowered.endswith(unit):
+      return int(math.floor(float(lowered[:-len(unit)]) * units[unit]))
+  return int(lowered)
 
 
 def main(argv=None) -> None:
@@ -116,14 +198,26 @@ def main(argv=None) -> None:
   parser.add_argument("--config", help="configs/X.py[:arg] when the checkpoint has no config.json beside it")
   parser.add_argument("--tokenizer", help="SentencePiece model to copy (default: the one the run's config uses)")
   parser.add_argument("--keep-lora", action="store_true", help="write LoRA factors separately instead of merging")
+  parser.add_argument("--dtype", default="float32", choices=shards.DTYPES, help="dtype of the exported weights")
+  parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (e.g. 2GB, 500MB)")
   parser.add_argument("--out", required=True)
   args = parser.parse_args(argv)
-  params, config = checkpoints.load_params(args.workdir or args.checkpoint, args.step)
-  if args.config:
-    config = checkpoints.config_from_file(args.config)
-  if config is None:
-    raise FileNotFoundError("the checkpoint has no config.json beside it: pass --config configs/X.py")
-  summary = convert_to_pytorch(params, config, args.out, args.keep_lora, args.tokenizer)
+  try:
+    path = args.workdir or args.checkpoint
+    item_dir, run_dir = checkpoints.resolve_params_dir(path, args.step)
+    params, config = checkpoints.load_params(path, args.step)
+    if args.config:
+      config = checkpoints.config_from_file(args.config)
+    if config is None:
+      raise FileNotFoundError("the checkpoint has no config.json beside it: pass --config configs/X.py")
+    step_name = os.path.basename(os.path.dirname(item_dir))
+    step = int(step_name) if step_name.isdigit() else None
+    summary = convert_to_pytorch(params, config, args.out, args.keep_lora, args.tokenizer, args.dtype,
+                                 _size_bytes(args.max_shard_size), source=os.path.abspath(item_dir), step=step,
+                                 workdir=run_dir)
+  except (FileNotFoundError, KeyError, ValueError) as e:
+    print(f"convert_to_pytorch: {e}", file=sys.stderr)
+    raise SystemExit(2)
   print(f"wrote {', '.join(summary['files'])} to {args.out} in {summary['seconds']:.1f}s")
 
 

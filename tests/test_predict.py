@@ -171,3 +171,134 @@ def dict_config(config, **overrides):
     for key, value in overrides.items():
       setattr(copy, key, value)
   return copy
+
+
+# ----------------------------------------------------------------------------- the same checkpoint in PyTorch
+
+
+NO_JAX = ("import sys\n"
+          "for name in ('jax', 'jaxlib', 'flax', 'optax', 'orbax', 'orbax.checkpoint', 'grain'):\n"
+          "  sys.modules[name] = None  # `import jax` now fails\n")
+
+
+@pytest.fixture(scope="module")
+def exported_run(trained_run, tmp_path_factory):
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  from scripts import convert_to_pytorch
+
+  out = str(tmp_path_factory.mktemp("export"))
+  convert_to_pytorch.main(["--workdir", trained_run, "--out", out])
+  return out
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_export_card_names_the_run(trained_run, exported_run):
+  with open(os.path.join(exported_run, "README.md")) as f:
+    card = f.read()
+  with open(os.path.join(trained_run, "config.json")) as f:
+    run_config = json.load(f)
+  assert os.path.join(trained_run, "checkpoints", "3", "state") in card and "step 3" in card
+  for source in run_config["data"]["sources"]:
+    assert source["dir"] in card
+  assert '"hidden_size"' in card  # the model config
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_export_predicts_in_a_process_without_jax(trained_run, exported_run, tmp_path):
+  import subprocess
+  import sys
+
+  image = os.path.join(trained_run, "synthetic", "images", sorted(os.listdir(os.path.join(
+      trained_run, "synthetic", "images")))[0])
+  code = NO_JAX + (
+      "import json, numpy as np\nfrom PIL import Image\n"
+      "try:\n  import jax\nexcept ImportError:\n  pass\nelse:\n  raise SystemExit('jax imported')\n"
+      "from unires_jax.convert.torch_model import UniRESTorch\n"
+      f"model = UniRESTorch.from_exported({exported_run!r})\n"
+      f"pixels = np.asarray(Image.open({image!r}).convert('RGB'))\n"
+      "out = model.predict(pixels, 'the roof of the house')\n"
+      "print(json.dumps({'shape': list(out['mask'].shape), 'no_target': out['no_target'], 'answer': out['answer'],"
+      " 'area': int(out['mask'].sum()), 'jax': [m for m in sys.modules if m.startswith(('jax', 'flax')) and"
+      " sys.modules[m] is not None]}))\n")
+  root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=root))
+  assert result.returncode == 0, result.stderr[-3000:]
+  got = json.loads(result.stdout.strip().splitlines()[-1])
+  pixels = np.asarray(Image.open(image).convert("RGB"))
+  assert got["shape"] == list(pixels.shape[:2]) and got["jax"] == []
+  assert got["no_target"] == (got["area"] == 0) or not got["no_target"]
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+  union = np.logical_or(a, b).sum()
+  return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_export_predictions_equal_jax_over_the_val_split(trained_run, exported_run, tmp_path):
+  from scripts import predict_export
+  from unires_jax.convert.torch_generate import Predictor
+  from unires_jax.eval import predictions as predictions_lib
+
+  config = synthetic_eval.get_config("val")
+  config.checkpoint = trained_run
+  config.data_dir = os.path.join(trained_run, "synthetic")
+  config.output_dir = str(tmp_path / "eval")
+  jax_path = inference.write_predictions(config)
+  with open(os.path.join(trained_run, "config.json")) as f:
+    box_source = json.load(f)["data"]["box_source"]
+  torch_path = str(tmp_path / "torch_predictions.jsonl")
+  count = predict_export.predict_split(Predictor.from_exported(exported_run), str(tmp_path / "eval" / "prepared" / "val"),
+                                       torch_path, box_source=box_source)
+  want = {p.key: p for p in predictions_lib.read_predictions(jax_path)}
+  got = {p.key: p for p in predictions_lib.read_predictions(torch_path)}
+  assert count == len(want) == len(got) and set(got) == set(want)
+  # A 3-step checkpoint may answer no-target everywhere; the mask path itself is compared in
+  # test_export_generation_equals_jax (raw logits, whatever the answer).
+  for key, prediction in want.items():
+    assert got[key].no_target == prediction.no_target, key
+    assert _iou(got[key].predicted_mask(), prediction.predicted_mask()) >= 0.999, key
+  jax_scores = scoring.score_from_config(dict_config(config, predictions=jax_path))["splits"]["val"]["metrics"]
+  torch_scores = scoring.score_from_config(dict_config(config, predictions=torch_path))["splits"]["val"]["metrics"]
+  for name, value in jax_scores.items():
+    if value is not None and value == value:
+      assert torch_scores[name] == pytest.approx(value, abs=0.1), name
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_export_generation_equals_jax(trained_run, exported_run):
+  """The same prompt batch through JAX `make_generate_fn` and PyTorch `generate`: the same tokens and [SEG]
+  decisions, and canvas mask logits (decoded whether or not [SEG] came) that threshold to IoU >= 0.999."""
+  import torch
+
+  from unires_jax.convert import torch_generate
+  from unires_jax.train import state as state_lib
+
+  loaded = checkpoint_io.load_checkpoint(trained_run)
+  run_config = loaded.config
+  tokenizer = tokenizer_lib.Tokenizer(pipeline.resolve_tokenizer(run_config))
+  names = sorted(os.listdir(os.path.join(trained_run, "synthetic", "images")))[:3]
+  images = [np.asarray(Image.open(os.path.join(trained_run, "synthetic", "images", n)).convert("RGB")) for n in names]
+  phrases = ["the roof of the house", "the tree on the left", "the robot"]
+  boxes = [None, {"object": [[2, 3, 40, 30]]}, {"object": [[0, 0, 20, 20]], "part": [[1, 1, 8, 9]]}]
+  batch = inference.make_prompt_batch(run_config, tokenizer, images, phrases, boxes)
+  seg_id = tokenizer.special_ids[tokenizer_lib.SEG_TOKEN]
+  steps = 6
+  model = state_lib.build_model(run_config.model)
+  want = inference.make_generate_fn(model, seg_id, tokenizer.eos_id, tokenizer.pad_id, steps)(loaded.params, batch)
+  export = torch_generate.Predictor.from_exported(exported_run)
+  got = torch_generate.generate(export.model, {k: torch.from_numpy(v) for k, v in batch.items()}, seg_id,
+                                tokenizer.eos_id, tokenizer.pad_id, steps)
+  np.testing.assert_array_equal(got["tokens"].numpy(), np.asarray(want["tokens"]))
+  np.testing.assert_array_equal(got["has_seg"].numpy(), np.asarray(want["has_seg"]))
+  want_logits, got_logits = np.asarray(want["mask_logits"]), got["mask_logits"].numpy()
+  assert np.abs(want_logits).max() > 0.05
+  np.testing.assert_allclose(got_logits, want_logits, atol=1e-3, rtol=0)
+  for row in range(len(images)):
+    assert _iou(got_logits[row] > 0, want_logits[row] > 0) >= 0.999, row

@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 
 from configs import tiny  # noqa: E402
 from scripts import convert_to_pytorch  # noqa: E402
-from unires_jax import torch_model  # noqa: E402
+from unires_jax.convert import torch_model  # noqa: E402
 from unires_jax.convert import mapping  # noqa: E402
 from unires_jax.convert import unires as convert_unires  # noqa: E402
 from unires_jax.models.example_batch import example_batch  # noqa: E402
@@ -93,3 +93,83 @@ def test_roi_align_matches_jax():
     got = torch_model.roi_align(torch.from_numpy(features), torch.from_numpy(boxes), 3, 0.25, 2, aligned).numpy()
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     assert np.abs(want).max() > 0.1
+
+
+def _forward(model, batch):
+  with torch.no_grad():
+    return model({k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()})
+
+
+def test_lisa_variant_export_matches_jax(tmp_path):
+  """SAM ViT dense source, linear projector, no granularity embedding, no region slots, no dynamic query."""
+  from configs import lisa
+
+  config = lisa.get_config("tiny")
+  cfg = UniRESConfig.from_config(config.model)
+  params = _random_params(cfg, seed=2)
+  batch = example_batch(cfg, 2, seed=3)
+  want = jax.jit(UniRES(cfg).apply)({"params": params}, {k: jnp.asarray(v) for k, v in batch.items()})
+  summary = convert_to_pytorch.convert_to_pytorch(params, config, str(tmp_path))
+  assert summary["num_head_tensors"] > 0
+  model = torch_model.UniRESTorch.from_exported(str(tmp_path))
+  assert hasattr(model, "sam_vit") and not hasattr(model, "vision_high") and not hasattr(model, "dynamic_query")
+  got = _forward(model, batch)
+  for key in ("logits", "mask_logits", "iou_pred"):
+    assert np.abs(np.asarray(want[key])).max() > 0.05, key
+    np.testing.assert_allclose(got[key].numpy(), np.asarray(want[key]), atol=2e-4, rtol=0, err_msg=key)
+
+
+def test_sharded_bfloat16_export_loads_and_matches_the_single_file_one(exported, tmp_path):
+  import json
+
+  out, batch, _ = exported
+  config = tiny.get_config()
+  cfg = UniRESConfig.from_config(config.model)
+  params = _random_params(cfg)
+  convert_to_pytorch.convert_to_pytorch(params, config, str(tmp_path), dtype="bfloat16", max_shard_bytes=40_000)
+  for folder, prefix in (("llm", "model"), ("vision_tower", "model"), ("", "unires")):
+    with open(tmp_path / folder / f"{prefix}.safetensors.index.json") as f:
+      index = json.load(f)
+    shard_files = sorted(set(index["weight_map"].values()))
+    assert len(shard_files) > 1 and all((tmp_path / folder / s).exists() for s in shard_files)
+    assert shard_files[0] == f"{prefix}-00001-of-{len(shard_files):05d}.safetensors"
+  single = torch_model.UniRESTorch.from_exported(str(out))
+  sharded = torch_model.UniRESTorch.from_exported(str(tmp_path))
+  assert sharded.seg_head.fc1.weight.dtype == torch.bfloat16
+  want = {n: p.to(torch.bfloat16) for n, p in single.state_dict().items()}
+  for name, value in sharded.state_dict().items():
+    assert torch.equal(value, want[name]), name
+  # The bf16 forward runs and stays near the float32 one.
+  got, ref = _forward(sharded, batch), _forward(single, batch)
+  assert np.abs(got["mask_logits"].numpy() - ref["mask_logits"].numpy()).max() < 0.1 * np.abs(
+      ref["mask_logits"].numpy()).max()
+  with pytest.raises(ValueError, match="dtype 'int8'"):
+    convert_to_pytorch.convert_to_pytorch(params, config, str(tmp_path / "bad"), dtype="int8")
+
+
+def test_kept_lora_factors_give_the_merged_model(tmp_path):
+  from unires_jax.train import lora as lora_lib
+
+  from configs import common
+
+  config = tiny.get_config()
+  config.train = common.train_config()
+  cfg = UniRESConfig.from_config(config.model)
+  params = _random_params(cfg, seed=4)
+  lora_cfg = config.train.lora
+  factors = lora_lib.init_lora(params, jax.random.key(5), [tuple(t) for t in lora_cfg.targets], int(lora_cfg.rank),
+                               tuple(lora_cfg.stacked_prefixes))
+  rng = np.random.default_rng(6)
+  factors = jax.tree.map(lambda x: np.asarray(x) + rng.normal(0, 0.2, x.shape).astype(np.float32), factors)
+  with_lora = dict(params, lora=factors)
+  batch = example_batch(cfg, 2, seed=7)
+  convert_to_pytorch.convert_to_pytorch(with_lora, config, str(tmp_path / "merged"))
+  convert_to_pytorch.convert_to_pytorch(with_lora, config, str(tmp_path / "kept"), keep_lora=True)
+  convert_to_pytorch.convert_to_pytorch(params, config, str(tmp_path / "base"))
+  kept = torch_model.UniRESTorch.from_exported(str(tmp_path / "kept"))
+  assert isinstance(kept.llm.model.layers[0].self_attn.o_proj, torch_model.LoraLinear)
+  merged = _forward(torch_model.UniRESTorch.from_exported(str(tmp_path / "merged")), batch)
+  base = _forward(torch_model.UniRESTorch.from_exported(str(tmp_path / "base")), batch)
+  got = _forward(kept, batch)
+  np.testing.assert_allclose(got["logits"].numpy(), merged["logits"].numpy(), atol=1e-4, rtol=0)
+  assert np.abs(got["logits"].numpy() - base["logits"].numpy()).max() > 1e-2  # the factors do something

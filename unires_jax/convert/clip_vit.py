@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from unires_jax.convert import mapping
+from unires_jax.convert.hf_configs import clip_vit_config_to_hf  # noqa: F401  (re-exported)
 from unires_jax.models.clip_vit import ClipVisionTransformer, ClipVitConfig
 
 # CLIP checkpoints on disk (and LLaVA's vision towers) name the tower `vision_model.`; transformers 5 drops that
@@ -87,14 +88,6 @@ def export_clip_vit(params: Mapping, cfg: ClipVitConfig, prefix: str = PREFIX) -
   `prefix` (the default is the on-disk layout `CLIPVisionModel.from_pretrained` reads)."""
   flat = {path: np.asarray(value) for path, value in mapping.flatten_params(nn.meta.unbox(params)).items()}
   return mapping.export_params(clip_vit_table(cfg, prefix), flat)
-
-
-def clip_vit_config_to_hf(cfg: ClipVitConfig) -> dict:
-  """Keyword arguments of the matching `transformers.CLIPVisionConfig`."""
-  return dict(hidden_size=cfg.width, intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.depth,
-              num_attention_heads=cfg.num_heads, num_channels=3, image_size=cfg.image_size,
-              patch_size=cfg.patch_size, hidden_act="quick_gelu", layer_norm_eps=cfg.layer_norm_eps,
-              attention_dropout=0.0)
 
 
 def tensor_to_numpy(value) -> np.ndarray:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unires_jax.convert import mapping
+from unires_jax.convert.hf_configs import convnext_config_to_hf  # noqa: F401  (re-exported)
 from unires_jax.convert.clip_vit import tensor_to_numpy
 from unires_jax.models.convnext import NUM_STAGES, ConvNeXt, ConvNextConfig
 
@@ -115,14 +116,3 @@ def export_convnext(params: Mapping, cfg: ConvNextConfig) -> dict[str, np.ndarra
 def export_convnext_timm(params: Mapping, cfg: ConvNextConfig, prefix: str = "") -> dict[str, np.ndarray]:
   """`ConvNeXt` params → timm-layout state dict (names under `prefix`)."""
   return mapping.export_params(convnext_timm_table(cfg, prefix), _flat_numpy(params))
-
-
-def convnext_config_to_hf(cfg: ConvNextConfig) -> dict:
-  """Keyword arguments of the matching `transformers.ConvNextConfig`.
-
-  HF fixes the stem, block and downsampling norms' epsilon at 1e-6 and uses `layer_norm_eps` only for the final
-  norm, so the two agree exactly when `cfg.layer_norm_eps` is 1e-6 (every config in configs/).
-  """
-  return dict(num_channels=3, patch_size=4, num_stages=NUM_STAGES, hidden_sizes=list(cfg.dims),
-              depths=list(cfg.depths), hidden_act="gelu", layer_norm_eps=cfg.layer_norm_eps,
-              layer_scale_init_value=cfg.layer_scale_init, drop_path_rate=0.0, image_size=cfg.image_size)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unires_jax.convert import mapping
+from unires_jax.convert.hf_configs import llama_config_to_hf  # noqa: F401  (re-exported)
 from unires_jax.models.llm import Llama, LlamaConfig
 
 # Non-parameter buffers some transformers versions keep in the state dict.
@@ -73,17 +74,6 @@ def llama_table(cfg: LlamaConfig) -> list[mapping.Entry]:
   if not cfg.tie_embeddings:
     entries += mapping.linear("lm_head", "lm_head", bias=False)
   return entries
-
-
-def llama_config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
-  """Keyword arguments of `transformers.LlamaConfig` describing the same architecture."""
-  return dict(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.mlp_dim,
-      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-      head_dim=cfg.head_dim, hidden_act="silu", max_position_embeddings=cfg.max_seq_len,
-      rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_embeddings,
-      rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
-      attention_bias=False, mlp_bias=False)
 
 
 def hf_to_llama_config(hf_config: Mapping[str, Any], scan_layers: bool = True,

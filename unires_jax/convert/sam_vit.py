@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unires_jax.convert import mapping
+from unires_jax.convert.hf_configs import sam_vit_config_to_hf  # noqa: F401  (re-exported)
 from unires_jax.convert.clip_vit import tensor_to_numpy
 from unires_jax.models.sam_vit import SamVisionEncoder, SamVitConfig
 
@@ -91,13 +92,3 @@ def export_sam_vit(params: Mapping, cfg: SamVitConfig, prefix: str = PREFIX) -> 
   """`SamVisionEncoder` params (boxed or not) → HF SAM vision-encoder state dict of numpy arrays under `prefix`."""
   flat = {path: np.asarray(value) for path, value in mapping.flatten_params(nn.meta.unbox(params)).items()}
   return mapping.export_params(sam_vit_table(cfg, prefix), flat)
-
-
-def sam_vit_config_to_hf(cfg: SamVitConfig) -> dict:
-  """Keyword arguments of the matching `transformers.SamVisionConfig` (`num_pos_feats` belongs to the prompt
-  encoder and is left to the caller)."""
-  return dict(hidden_size=cfg.width, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
-              image_size=cfg.image_size, patch_size=cfg.patch_size, window_size=cfg.window_size,
-              global_attn_indexes=list(cfg.global_attn_indexes), output_channels=cfg.out_channels,
-              mlp_dim=cfg.mlp_dim, layer_norm_eps=cfg.layer_norm_eps, hidden_act="gelu", qkv_bias=True,
-              use_abs_pos=True, use_rel_pos=True, attention_dropout=0.0)

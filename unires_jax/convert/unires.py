@@ -1,20 +1,22 @@
 """The whole-model UniRES table: the per-module tables under their prefixes plus the UniRES-only parts.
 
-PyTorch names are those of `unires_jax.torch_model.UniRESTorch.state_dict()`:
+PyTorch names are those of `unires_jax.convert.torch_model.UniRESTorch.state_dict()`:
 
 | JAX params key | PyTorch prefix | layout |
 |---|---|---|
 | `llm` | `llm.` | transformers `LlamaForCausalLM` (`convert/llama.py`) |
 | `vision_low` | `vision_tower.` | transformers 5 `CLIPVisionModel.state_dict()` (`convert/clip_vit.py`, no `vision_model.`) |
-| `vision_high` | `vision_high.` | transformers `ConvNextModel` (`convert/convnext.py`) |
+| `vision_high` | `vision_high.` | transformers `ConvNextModel` (`convert/convnext.py`; only when built) |
+| `sam_vit` | `sam_vit.` | transformers `SamVisionEncoder` (`convert/sam_vit.py`; the SAM ViT dense source) |
 | `mask_decoder` | `sam.` | transformers `SamModel` names of the decoder and dense prompt pieces (`convert/sam.py`) |
-| `vision_flow` | `vision_flow.` | `granularity_embedding` [3, D]; `{image,object,part}_projector.fc{1,2}` Linear |
+| `vision_flow` | `vision_flow.` | `granularity_embedding` [3, D]; `{image,object,part}_projector.fc{1,2}` Linear (`.fc` for the linear projector) |
 | `seg_head` | `seg_head.` | `fc1`, `fc2` Linear |
 | `visual_key_proj` | `visual_key_proj.` | Linear |
 | `dynamic_query` | `dynamic_query.` | `q_proj`, `k_proj`, `v_proj`, `out_proj` Linear (heads flattened head-major) |
 | `dense_neck` | `dense_neck.` | `conv1` (1×1), `conv2` (3×3) Conv2d without bias; `norm1`, `norm2` channel LayerNorms |
+| `sam_dense_proj` | `sam_dense_proj.` | Linear (SAM ViT source whose width is not the decoder's) |
 
-Each part keeps its own stacked-layer count (LLaMA layers, ViT depth), so imports and exports run part by part.
+Parts and heads the config does not build are absent. Each part keeps its own stacked-layer count (LLaMA layers, ViT depth), so imports and exports run part by part.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from unires_jax.convert.clip_vit import clip_vit_table
 from unires_jax.convert.convnext import convnext_hf_table
 from unires_jax.convert.llama import llama_table
 from unires_jax.convert.sam import sam_decoder_table
+from unires_jax.convert.sam_vit import sam_vit_table
 from unires_jax.models.unires import UniRESConfig
 
 
@@ -74,34 +77,50 @@ def _attention_entries(jax_prefix: str, torch_prefix: str, num_heads: int) -> li
 
 
 def heads_table(cfg: UniRESConfig) -> list[mapping.Entry]:
-  """The UniRES-only parameters: vision flow projectors, seg head, dynamic query, dense neck."""
-  entries = [mapping.Entry.make("vision_flow/granularity_embedding", "vision_flow.granularity_embedding")]
-  for group in ("image", "object", "part"):
-    for layer in ("fc1", "fc2"):
+  """The UniRES-only parameters the config builds: vision flow projectors (and granularity embedding), seg head,
+  dynamic query and its key projection, the dense neck (ConvNeXt source) or SAM's dense projection (SAM ViT source,
+  only when its width differs from the decoder's)."""
+  flow = cfg.vision_flow
+  entries = []
+  if flow.granularity_embedding:
+    entries.append(mapping.Entry.make("vision_flow/granularity_embedding", "vision_flow.granularity_embedding"))
+  layers = ("fc",) if flow.projector == "linear" else ("fc1", "fc2")
+  groups = ("image", "object", "part") if flow.uses_region_tokens else ("image",)
+  for group in groups:
+    for layer in layers:
       entries += mapping.linear(f"vision_flow/{group}_projector/{layer}", f"vision_flow.{group}_projector.{layer}")
   entries += mapping.linear("seg_head/fc1", "seg_head.fc1") + mapping.linear("seg_head/fc2", "seg_head.fc2")
-  entries += mapping.linear("visual_key_proj", "visual_key_proj")
-  entries += _attention_entries("dynamic_query", "dynamic_query", cfg.mask_decoder.num_heads)
-  for conv in ("conv1", "conv2"):
-    entries.append(mapping.Entry.make(f"dense_neck/{conv}/kernel", f"dense_neck.{conv}.weight",
-                                      mapping.conv_to_jax, mapping.conv_to_torch))
-  entries += mapping.norm("dense_neck/norm1", "dense_neck.norm1") + mapping.norm("dense_neck/norm2", "dense_neck.norm2")
+  if cfg.dynamic_query:
+    entries += mapping.linear("visual_key_proj", "visual_key_proj")
+    entries += _attention_entries("dynamic_query", "dynamic_query", cfg.mask_decoder.num_heads)
+  if cfg.dense_source == "convnext":
+    for conv in ("conv1", "conv2"):
+      entries.append(mapping.Entry.make(f"dense_neck/{conv}/kernel", f"dense_neck.{conv}.weight",
+                                        mapping.conv_to_jax, mapping.conv_to_torch))
+    entries += (mapping.norm("dense_neck/norm1", "dense_neck.norm1")
+                + mapping.norm("dense_neck/norm2", "dense_neck.norm2"))
+  elif cfg.sam_vit.out_channels != cfg.mask_decoder.transformer_dim:
+    entries += mapping.linear("sam_dense_proj", "sam_dense_proj")
   return entries
 
 
 # PyTorch prefixes of the parts, in `UniRESTorch`; the JAX key each one lives under.
 PART_PREFIXES = {"llm": ("llm", "llm."), "vision_tower": ("vision_low", "vision_tower."),
-                 "vision_high": ("vision_high", "vision_high."), "mask_decoder": ("mask_decoder", "sam."),
-                 "heads": ("", "")}
+                 "vision_high": ("vision_high", "vision_high."), "sam_vit": ("sam_vit", "sam_vit."),
+                 "mask_decoder": ("mask_decoder", "sam."), "heads": ("", "")}
 
 
 def unires_parts(cfg: UniRESConfig) -> list[Part]:
-  """The table of the whole model, as parts (LLM, ViT, ConvNeXt, SAM decoder, UniRES heads)."""
+  """The table of the whole model, as parts (LLM, ViT, ConvNeXt or SAM ViT, SAM decoder, UniRES heads); a part
+  the config does not build (the ConvNeXt of LISA's variant) is absent."""
   tables = {"llm": (llama_table(cfg.llm), cfg.llm.num_layers if cfg.llm.scan_layers else 0),
-            "vision_tower": (clip_vit_table(cfg.vit, prefix=""), cfg.vit.depth),
-            "vision_high": (convnext_hf_table(cfg.convnext), 0),
-            "mask_decoder": (sam_decoder_table(cfg.mask_decoder), 0),
-            "heads": (heads_table(cfg), 0)}
+            "vision_tower": (clip_vit_table(cfg.vit, prefix=""), cfg.vit.depth)}
+  if cfg.uses_convnext:
+    tables["vision_high"] = (convnext_hf_table(cfg.convnext), 0)
+  if cfg.dense_source == "sam_vit":
+    tables["sam_vit"] = (sam_vit_table(cfg.sam_vit, prefix=""), 0)
+  tables["mask_decoder"] = (sam_decoder_table(cfg.mask_decoder), 0)
+  tables["heads"] = (heads_table(cfg), 0)
   parts = []
   for name, (entries, num_layers) in tables.items():
     jax_prefix, torch_prefix = PART_PREFIXES[name]

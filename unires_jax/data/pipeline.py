@@ -10,7 +10,6 @@ batches. The choices (box selection, too-long samples, the answer span) are docu
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import math
 import os
@@ -22,18 +21,20 @@ import jax
 import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from PIL import Image
 
 from unires_jax import sharding
 from unires_jax.data import records as records_lib
 from unires_jax.data import tokenizer as tokenizer_lib
 from unires_jax.data import transforms
 from unires_jax.data import proposal_noise as noise_lib
+# The JAX-free prompt and box helpers, re-exported: the pipeline's callers name them `pipeline.X`.
+from unires_jax.data.prompts import (IMAGE_SLOT, OBJECT_SLOT, PART_SLOT, PROMPT_STYLES, TEXT, Layout,  # noqa: F401
+                                     box_area, box_iou, canvas_boxes, granularity_boxes,
+                                     llava_v1_prompt, prompt_ids, select_boxes,
+                                     unires_prompt, visual_prefix)
 
 log = logging.getLogger(__name__)
 
-# token_type values (DESIGN.md batch table).
-TEXT, IMAGE_SLOT, OBJECT_SLOT, PART_SLOT = 0, 1, 2, 3
 # data.box_source: the record's proposals (whatever made them), the ground-truth annotation boxes, or no boxes.
 BOX_SOURCES = ("proposals", "annotations", "none")
 TOO_LONG_POLICIES = ("error", "skip")
@@ -103,47 +104,6 @@ class DataConfig:
                          f"contain {tokenizer_lib.SEG_TOKEN}")
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """The static shapes a batch has, from the model section of the config."""
-  image_size_low: int
-  image_size_high: int
-  num_image_slots: int
-  max_object_boxes: int
-  max_part_boxes: int
-  max_text_len: int
-  prompt_style: str = "unires"  # a key of PROMPT_STYLES
-  system_prompt: str = ""
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> Layout:
-    vit, flow = config.model.vit, config.model.vision_flow
-    if vit.image_size % vit.patch_size:
-      raise ValueError(f"model.vit.image_size {vit.image_size} is not a multiple of patch_size {vit.patch_size}")
-    layout = cls(image_size_low=int(vit.image_size), image_size_high=int(config.model.convnext.image_size),
-                 num_image_slots=(vit.image_size // vit.patch_size) ** 2,
-                 max_object_boxes=int(flow.max_object_boxes), max_part_boxes=int(flow.max_part_boxes),
-                 max_text_len=int(config.data.max_text_len),
-                 prompt_style=str(config.data.get("prompt_style", "unires")),
-                 system_prompt=str(config.data.get("system_prompt", "")))
-    if layout.prompt_style not in PROMPT_STYLES:
-      raise ValueError(f"data.prompt_style {layout.prompt_style!r}: expected one of {sorted(PROMPT_STYLES)}")
-    if layout.max_text_len > config.model.llm.max_seq_len:
-      raise ValueError(f"data.max_text_len {layout.max_text_len} exceeds model.llm.max_seq_len "
-                       f"{config.model.llm.max_seq_len}")
-    if layout.max_text_len <= layout.prefix_len:
-      raise ValueError(f"data.max_text_len {layout.max_text_len} leaves no room for text after the "
-                       f"{layout.prefix_len} visual prefix tokens")
-    return layout
-
-  @property
-  def prefix_len(self) -> int:
-    """`<s>` plus the marked groups of visual slots (llava_v1: the image group only; its system text not counted)."""
-    if self.prompt_style == "llava_v1":
-      return 1 + self.num_image_slots + 2
-    return 1 + (self.num_image_slots + 2) + (self.max_object_boxes + 2) + (self.max_part_boxes + 2)
-
-
 @dataclasses.dataclass
 class PipelineStats:
   """Counts since the iterator was made (not restored with its state): samples, dropped boxes, too-long skips."""
@@ -154,62 +114,6 @@ class PipelineStats:
 
 
 # ------------------------------------------------------------------------------------------------ the prompt
-
-
-def visual_prefix(tokenizer: tokenizer_lib.Tokenizer, layout: Layout) -> tuple[list[int], list[int]]:
-  """`<s> <im_start> <image>×Ni <im_end> <obj_start> <obj>×No <obj_end> <part_start> <part>×Np <part_end>`.
-
-  Returns (ids, token_type); the slot tokens carry types 1/2/3, the markers and `<s>` are text (0).
-  """
-  special = tokenizer.special_ids
-  ids, types = [tokenizer.bos_id], [TEXT]
-  groups = ((tokenizer_lib.IMAGE_START, tokenizer_lib.IMAGE_TOKEN, tokenizer_lib.IMAGE_END, layout.num_image_slots,
-             IMAGE_SLOT),
-            (tokenizer_lib.OBJECT_START, tokenizer_lib.OBJECT_TOKEN, tokenizer_lib.OBJECT_END,
-             layout.max_object_boxes, OBJECT_SLOT),
-            (tokenizer_lib.PART_START, tokenizer_lib.PART_TOKEN, tokenizer_lib.PART_END, layout.max_part_boxes,
-             PART_SLOT))
-  for start, slot, end, count, slot_type in groups:
-    ids += [special[start]] + [special[slot]] * count + [special[end]]
-    types += [TEXT] + [slot_type] * count + [TEXT]
-  return ids, types
-
-
-def unires_prompt(tokenizer: tokenizer_lib.Tokenizer, layout: Layout,
-                  instruction: str) -> tuple[list[int], list[int]]:
-  """UniRES++: the visual prefix, then `USER: {instruction} ASSISTANT:`."""
-  ids, types = visual_prefix(tokenizer, layout)
-  question = tokenizer.encode(f"USER: {instruction} ASSISTANT:")
-  return ids + question, types + [TEXT] * len(question)
-
-
-def llava_v1_prompt(tokenizer: tokenizer_lib.Tokenizer, layout: Layout,
-                    instruction: str) -> tuple[list[int], list[int]]:
-  """LISA / LLaVA-1: `<s>{system} USER: <im_start><image>×Ni<im_end>\n{instruction} ASSISTANT:`.
-
-  Only image slots exist (a layout with object or part slots is refused); the system text is `data.system_prompt`.
-  """
-  if layout.max_object_boxes or layout.max_part_boxes:
-    raise ValueError(f"data.prompt_style 'llava_v1' has no object/part slots, but the model has "
-                     f"{layout.max_object_boxes} object and {layout.max_part_boxes} part boxes "
-                     f"(model.vision_flow.max_object_boxes / max_part_boxes must be 0)")
-  special = tokenizer.special_ids
-  head = tokenizer.encode(f"{layout.system_prompt} USER:" if layout.system_prompt else "USER:")
-  image = ([special[tokenizer_lib.IMAGE_START]] + [special[tokenizer_lib.IMAGE_TOKEN]] * layout.num_image_slots
-           + [special[tokenizer_lib.IMAGE_END]])
-  question = tokenizer.encode(f"\n{instruction} ASSISTANT:")
-  ids = [tokenizer.bos_id] + head + image + question
-  types = [TEXT] * (1 + len(head)) + [TEXT] + [IMAGE_SLOT] * layout.num_image_slots + [TEXT] + [TEXT] * len(question)
-  return ids, types
-
-
-# data.prompt_style → the prompt builder (ids, token_type) up to and including `ASSISTANT:`.
-PROMPT_STYLES = {"unires": unires_prompt, "llava_v1": llava_v1_prompt}
-
-
-def prompt_ids(tokenizer: tokenizer_lib.Tokenizer, layout: Layout, instruction: str) -> tuple[list[int], list[int]]:
-  """The whole prompt up to and including `ASSISTANT:`: (ids, token_type). Inference generates from here."""
-  return PROMPT_STYLES[layout.prompt_style](tokenizer, layout, instruction)
 
 
 def _pack(tokenizer: tokenizer_lib.Tokenizer, length: int, ids: list[int], types: list[int],
@@ -258,51 +162,6 @@ def inert_text(tokenizer: tokenizer_lib.Tokenizer, layout: Layout, instruction: 
 # ------------------------------------------------------------------------------------------------- boxes
 
 
-def box_area(boxes: np.ndarray) -> np.ndarray:
-  boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-  return np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
-
-
-def box_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
-  """IoU [Na, Nb] of (x0, y0, x1, y1) boxes."""
-  a = np.asarray(boxes_a, np.float32).reshape(-1, 1, 4)
-  b = np.asarray(boxes_b, np.float32).reshape(1, -1, 4)
-  width = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-  height = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
-  intersection = width * height
-  union = box_area(a.reshape(-1, 4))[:, None] + box_area(b.reshape(-1, 4))[None, :] - intersection
-  return np.where(union > 0, intersection / np.maximum(union, 1e-9), 0.0)
-
-
-def select_boxes(boxes: np.ndarray, is_target: np.ndarray, max_boxes: int) -> tuple[np.ndarray, int]:
-  """Keeps at most `max_boxes`: all boxes when they fit (in order); else targets first, then larger area first.
-
-  Ties keep the original order (stable sort). Returns (kept [K, 4], number dropped).
-  """
-  boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-  if len(boxes) <= max_boxes:
-    return boxes, 0
-  order = np.lexsort((-box_area(boxes), ~np.asarray(is_target, bool)))  # last key is primary
-  return boxes[order[:max_boxes]], len(boxes) - max_boxes
-
-
-def _granularity_boxes(record: dict, ref: dict, granularity: str, box_source: str) -> tuple[np.ndarray, np.ndarray]:
-  """Boxes of one granularity in original pixels [N, 4], and which of them stand for the referred targets [N]."""
-  if box_source == "none":
-    return np.zeros((0, 4), np.float32), np.zeros((0,), bool)
-  annotations = [a for a in record["annotations"] if a["granularity"] == granularity]
-  referred = {int(a) for a in ref["ann_ids"]}
-  gt_boxes = np.asarray([a["bbox"] for a in annotations], np.float32).reshape(-1, 4)
-  gt_is_target = np.asarray([int(a["ann_id"]) in referred for a in annotations], bool)
-  if box_source == "annotations":
-    return gt_boxes, gt_is_target
-  proposals = np.asarray(record["proposals"][granularity], np.float32).reshape(-1, 4)
-  if not gt_is_target.any() or not len(proposals):
-    return proposals, np.zeros((len(proposals),), bool)
-  # A proposal stands for a referred target when it overlaps one of the target boxes with IoU >= 0.5.
-  return proposals, box_iou(proposals, gt_boxes[gt_is_target]).max(axis=1) >= 0.5
-
-
 def box_source_of(split_dir: str, data: DataConfig | ml_collections.ConfigDict) -> str:
   """What the object and part boxes of `split_dir`'s batches are, for metrics files: `records.GT_BOXES_SOURCE`
   (`data.box_source='annotations'`), `records.NO_BOXES_SOURCE` ('none'), or with 'proposals' the source the
@@ -329,31 +188,10 @@ def uses_ground_truth_boxes(box_source: str) -> bool:
   return records_lib.GT_BOXES_SOURCE in box_source
 
 
-def canvas_boxes(boxes: np.ndarray, height: int, width: int, size: int, max_boxes: int) -> tuple[np.ndarray, np.ndarray]:
-  """Original-pixel boxes [K, 4] → padded canvas boxes [max, 4] and their mask [max]."""
-  clipped = np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
-  padded = np.zeros((max_boxes, 4), np.float32)
-  padded[:len(boxes)] = transforms.transform_boxes(clipped, height, width, size)
-  mask = np.zeros((max_boxes,), bool)
-  mask[:len(boxes)] = True
-  return padded, mask
-
-
 # ------------------------------------------------------------------------------------------- one sample
 
 
-def decode_image(record: dict) -> np.ndarray:
-  """uint8 [h, w, 3] from the record's encoded bytes; the size must match the record's height/width."""
-  where = f"{record['dataset']}/{record['image_id']} ({record['file_name']})"
-  try:
-    with Image.open(io.BytesIO(record["image_bytes"])) as image:
-      pixels = np.asarray(image.convert("RGB"), np.uint8)
-  except (OSError, ValueError) as error:
-    raise records_lib.RecordError(f"record {where}: image_bytes do not decode ({error})") from error
-  if pixels.shape[:2] != (record["height"], record["width"]):
-    raise records_lib.RecordError(f"record {where}: image decodes to {pixels.shape[:2]}, the record says "
-                                  f"{(record['height'], record['width'])}")
-  return pixels
+decode_image = records_lib.decode_image  # re-exported: callers name it `pipeline.decode_image`
 
 
 class SampleEncoder:
@@ -412,7 +250,7 @@ class SampleEncoder:
     targets_first = data.targets_first and self.train
     dropped = {}
     for granularity, max_boxes in (("object", layout.max_object_boxes), ("part", layout.max_part_boxes)):
-      boxes, is_target = _granularity_boxes(record, ref, granularity, data.box_source)
+      boxes, is_target = granularity_boxes(record, ref, granularity, data.box_source)
       boxes, is_target = noise_lib.perturb(boxes, is_target, height, width, noise_rng, noise)
       kept, dropped[granularity] = select_boxes(boxes, is_target & targets_first, max_boxes)
       out[f"{granularity}_boxes"], out[f"{granularity}_box_mask"] = canvas_boxes(

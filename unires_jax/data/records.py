@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import json
 import os
 from typing import Any, Callable, Iterable, Sequence
 
 import msgpack
 import numpy as np
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 DATASETS = ("refcoco", "refcoco+", "refcocog", "grefcoco", "refcocom", "mres32m", "synthetic")
@@ -394,3 +396,17 @@ class SplitSource:
            "sent_id": int(sentence["sent_id"]), "image_id": int(record["image_id"]),
            "granularity": ref["granularity"]}
     return {"record": record, "ref": ref, "sentence": sentence, "ids": ids}
+
+
+def decode_image(record: dict) -> np.ndarray:
+  """uint8 [h, w, 3] from the record's encoded bytes; the size must match the record's height/width."""
+  where = f"{record['dataset']}/{record['image_id']} ({record['file_name']})"
+  try:
+    with Image.open(io.BytesIO(record["image_bytes"])) as image:
+      pixels = np.asarray(image.convert("RGB"), np.uint8)
+  except (OSError, ValueError) as error:
+    raise RecordError(f"record {where}: image_bytes do not decode ({error})") from error
+  if pixels.shape[:2] != (record["height"], record["width"]):
+    raise RecordError(f"record {where}: image decodes to {pixels.shape[:2]}, the record says "
+                                  f"{(record['height'], record['width'])}")
+  return pixels

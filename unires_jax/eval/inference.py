@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from unires_jax import sharding
-from unires_jax.data import pipeline
+from unires_jax.data import pipeline, prompts
 from unires_jax.data import records as records_lib
 from unires_jax.data import tokenizer as tokenizer_lib
 from unires_jax.data import transforms
@@ -128,19 +128,10 @@ def decode_answers(tokens: np.ndarray, tokenizer: Any) -> list[str]:
 # ------------------------------------------------------------------------------------ prompts of raw images
 
 
-def _padded_canvas_boxes(boxes: np.ndarray | None, height: int, width: int, size: int,
-                         max_boxes: int) -> tuple[np.ndarray, np.ndarray]:
-  """Original-pixel boxes [K, 4] (or None) → canvas boxes [max_boxes, 4] and their mask [max_boxes]; the pipeline's
-  choice when there are too many (larger first, `pipeline.select_boxes`)."""
-  boxes = np.zeros((0, 4), np.float32) if boxes is None else np.asarray(boxes, np.float32).reshape(-1, 4)
-  kept, _ = pipeline.select_boxes(boxes, np.zeros((len(boxes),), bool), max_boxes)
-  return pipeline.canvas_boxes(kept, height, width, size, max_boxes)
-
-
 def make_prompt_batch(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer,
                       images: Sequence[np.ndarray], phrases: Sequence[str],
                       boxes: Sequence[Mapping[str, Any] | None] | None = None) -> dict[str, np.ndarray]:
-  """A batch (docs/DESIGN.md keys) holding only prompts, for generation on raw images.
+  """A batch (docs/DESIGN.md keys) holding only prompts, for generation on raw images (`prompts.prompt_batch`).
 
   images: uint8 [h, w, 3] each; phrases: the referring expressions; boxes: per image None or
   {'object': [[x0, y0, x1, y1], ...], 'part': [...]} in original pixels (missing kinds = no proposals, all box
@@ -148,51 +139,9 @@ def make_prompt_batch(config: ml_collections.ConfigDict, tokenizer: tokenizer_li
   comes from `pipeline.prompt_ids`, so train, eval and inference see the same tokens. `loss_mask` is 1 at the last
   prompt position only (the one that predicts the first answer token).
   """
-  if len(images) != len(phrases):
-    raise ValueError(f"make_prompt_batch: {len(images)} images but {len(phrases)} phrases")
-  boxes = [None] * len(images) if boxes is None else list(boxes)
-  if len(boxes) != len(images):
-    raise ValueError(f"make_prompt_batch: {len(images)} images but {len(boxes)} box entries")
   data = pipeline.DataConfig(**config.data.to_dict())
-  layout = pipeline.Layout.from_config(config)
-  length = layout.max_text_len
-  rows = []
-  for pixels, phrase, image_boxes in zip(images, phrases, boxes):
-    pixels = np.asarray(pixels)
-    height, width = pixels.shape[:2]
-    image_boxes = dict(image_boxes or {})
-    unknown = set(image_boxes) - {"object", "part"}
-    if unknown:
-      raise ValueError(f"boxes: unknown kinds {sorted(unknown)}; expected 'object' and/or 'part'")
-    row = dict(image_low=transforms.preprocess_image(pixels, layout.image_size_low),    # [S_l, S_l, 3]
-               image_high=transforms.preprocess_image(pixels, layout.image_size_high))  # [S_h, S_h, 3]
-    for kind, max_boxes in (("object", layout.max_object_boxes), ("part", layout.max_part_boxes)):
-      row[f"{kind}_boxes"], row[f"{kind}_box_mask"] = _padded_canvas_boxes(
-          image_boxes.get(kind), height, width, layout.image_size_high, max_boxes)
-    instruction = data.instruction_templates[0].format(phrase=phrase.strip())
-    ids, types = pipeline.prompt_ids(tokenizer, layout, instruction)
-    if len(ids) > length:
-      raise ValueError(f"phrase {phrase!r}: the prompt needs {len(ids)} tokens, more than data.max_text_len = "
-                       f"{length}")
-    input_ids = np.full((length,), tokenizer.pad_id, np.int32)  # [L]
-    input_ids[:len(ids)] = ids
-    token_type = np.zeros((length,), np.int32)  # [L]
-    token_type[:len(ids)] = types
-    attention_mask = np.arange(length) < len(ids)  # [L]
-    for slot_type, box_mask in ((pipeline.OBJECT_SLOT, row["object_box_mask"]),
-                                (pipeline.PART_SLOT, row["part_box_mask"])):
-      attention_mask[np.flatnonzero(token_type == slot_type)] &= box_mask
-    target_ids = np.full((length,), tokenizer.pad_id, np.int32)  # [L]
-    target_ids[:-1] = input_ids[1:]
-    loss_mask = np.zeros((length,), np.float32)  # [L]
-    loss_mask[len(ids) - 1] = 1.0
-    row.update(input_ids=input_ids, token_type=token_type, attention_mask=attention_mask, target_ids=target_ids,
-               loss_mask=loss_mask, seg_index=np.int32(0), has_target=np.bool_(False),
-               gt_mask=np.zeros((layout.image_size_high, layout.image_size_high), np.float32))
-    rows.append(row)
-  batch = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
-  batch["sample_index"] = np.arange(len(rows), dtype=np.int32)
-  return batch
+  return prompts.prompt_batch(pipeline.Layout.from_config(config), tokenizer, data.instruction_templates[0], images,
+                              phrases, boxes)
 
 
 def pad_batch(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:

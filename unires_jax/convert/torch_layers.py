@@ -1,16 +1,12 @@
-"""UniRES++ in PyTorch (the `torch` extra): runs a checkpoint written by `scripts/convert_to_pytorch.py` without JAX.
+"""The building blocks of `convert/torch_model.py`, in plain torch and transformers modules, without JAX.
 
-The LLM, the low-res ViT, the ConvNeXt and the SAM mask decoder are transformers modules (`LlamaForCausalLM`,
-`CLIPVisionModel`, `ConvNextModel`, `SamMaskDecoder`); ROI Align, the vision flow, sequence assembly, the seg head,
-the dynamic query attention and the dense neck are plain torch, written to the same definitions as
-`unires_jax/models/`. `UniRESTorch.forward(batch)` is the teacher-forced forward of `UniRES.__call__`; its
-state-dict names are the ones `unires_jax/convert/unires.py` documents. This module imports no JAX.
+Each is written to the definition of its JAX counterpart in `unires_jax/models/` (ROI Align and the vision flow,
+the seg head, the dynamic query attention, the dense neck, SAM's dense prompt pieces, SAM's pixel statistics), under
+the state-dict names `convert/unires.py` documents. The transformers configs come from `convert/hf_configs.py`.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import types
 from typing import Any, Mapping
 
@@ -18,48 +14,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unires_jax.convert import hf_configs
+from unires_jax.data import transforms
+
 TOKEN_TEXT, TOKEN_IMAGE, TOKEN_OBJECT, TOKEN_PART = 0, 1, 2, 3
 GRANULARITIES = ("image", "object", "part")
 NECK_NORM_EPS = 1e-6
-HEADS_FILE = "unires.safetensors"
+# SAM's pixel statistics (0..255 scale), as `unires_jax/models/unires.py`.
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
 
-# --- transformers configs from the `model` config section -----------------------------------------------------------
+# --- transformers configs from the `model` config section (convert/hf_configs.py) ---------------------------------
 def llama_hf_config(llm: Mapping[str, Any]):
   from transformers import LlamaConfig
-  return LlamaConfig(
-      vocab_size=llm["vocab_size"], hidden_size=llm["hidden_size"], intermediate_size=llm["mlp_dim"],
-      num_hidden_layers=llm["num_layers"], num_attention_heads=llm["num_heads"],
-      num_key_value_heads=llm["num_kv_heads"], head_dim=llm["head_dim"], hidden_act="silu",
-      max_position_embeddings=llm["max_seq_len"], rms_norm_eps=llm["rms_norm_eps"],
-      tie_word_embeddings=llm["tie_embeddings"],
-      rope_parameters={"rope_type": "default", "rope_theta": float(llm["rope_theta"])}, attention_bias=False,
-      mlp_bias=False, attn_implementation="eager")
+  return LlamaConfig(**hf_configs.llama_config_to_hf(llm), attn_implementation="eager")
 
 
 def clip_hf_config(vit: Mapping[str, Any]):
   from transformers import CLIPVisionConfig
-  return CLIPVisionConfig(hidden_size=vit["width"], intermediate_size=vit["mlp_dim"], num_hidden_layers=vit["depth"],
-                          num_attention_heads=vit["num_heads"], num_channels=3, image_size=vit["image_size"],
-                          patch_size=vit["patch_size"], hidden_act="quick_gelu",
-                          layer_norm_eps=vit["layer_norm_eps"], attention_dropout=0.0, attn_implementation="eager")
+  return CLIPVisionConfig(**hf_configs.clip_vit_config_to_hf(vit), attn_implementation="eager")
 
 
 def convnext_hf_config(convnext: Mapping[str, Any]):
   from transformers import ConvNextConfig
-  return ConvNextConfig(num_channels=3, patch_size=4, num_stages=4, hidden_sizes=list(convnext["dims"]),
-                        depths=list(convnext["depths"]), hidden_act="gelu", layer_norm_eps=convnext["layer_norm_eps"],
-                        layer_scale_init_value=convnext["layer_scale_init"], drop_path_rate=0.0,
-                        image_size=convnext["image_size"])
+  return ConvNextConfig(**hf_configs.convnext_config_to_hf(convnext))
 
 
 def sam_decoder_hf_config(decoder: Mapping[str, Any]):
   from transformers import SamMaskDecoderConfig
-  config = SamMaskDecoderConfig(
-      hidden_size=decoder["transformer_dim"], mlp_dim=decoder["mlp_dim"], num_hidden_layers=decoder["depth"],
-      num_attention_heads=decoder["num_heads"], attention_downsample_rate=decoder["attention_downsample_rate"],
-      num_multimask_outputs=decoder["num_multimask_outputs"], iou_head_depth=decoder["iou_head_depth"],
-      iou_head_hidden_dim=decoder["iou_head_hidden_dim"], layer_norm_eps=decoder["layer_norm_eps"])
+  config = SamMaskDecoderConfig(**hf_configs.sam_decoder_config_to_hf(decoder))
   config._attn_implementation = "eager"  # the decoder is used standalone, outside a SamModel that would set it
   return config
 
@@ -99,7 +83,7 @@ def roi_align(features, boxes, output_size: int, spatial_scale: float, sampling_
 
 # --- UniRES-only modules -----------------------------------------------------------------------------------------------
 class Projector(nn.Module):
-  """Two-layer exact-GELU MLP into the LLM width."""
+  """Two-layer exact-GELU MLP into the LLM width (`mlp2x_gelu`)."""
 
   def __init__(self, in_features: int, out_features: int):
     super().__init__()
@@ -110,16 +94,43 @@ class Projector(nn.Module):
     return self.fc2(F.gelu(self.fc1(x)))
 
 
-class VisionFlow(nn.Module):
-  """Image tokens from the ViT, object/part tokens ROI-pooled from one ConvNeXt stage, projected per granularity."""
+class LinearProjector(nn.Module):
+  """One Linear into the LLM width (`linear`, LLaVA-1's and LISA's `mm_projector`)."""
 
-  def __init__(self, flow: Mapping[str, Any], vit_width: int, region_channels: int, llm_width: int):
+  def __init__(self, in_features: int, out_features: int):
+    super().__init__()
+    self.fc = nn.Linear(in_features, out_features)
+
+  def forward(self, x):
+    return self.fc(x)
+
+
+PROJECTORS = {"mlp2x_gelu": Projector, "linear": LinearProjector}
+
+
+def uses_region_tokens(flow: Mapping[str, Any]) -> bool:
+  return flow["max_object_boxes"] > 0 or flow["max_part_boxes"] > 0
+
+
+class VisionFlow(nn.Module):
+  """Image tokens from the ViT, object/part tokens ROI-pooled from one ConvNeXt stage, projected per granularity.
+
+  Without object and part slots (LISA) only the image projector exists and the region groups are empty."""
+
+  def __init__(self, flow: Mapping[str, Any], vit_width: int, region_channels: int | None, llm_width: int):
     super().__init__()
     self.flow = dict(flow)
-    self.granularity_embedding = nn.Parameter(torch.zeros(len(GRANULARITIES), llm_width))
-    self.image_projector = Projector(vit_width, llm_width)
-    self.object_projector = Projector(region_channels + 6, llm_width)
-    self.part_projector = Projector(region_channels + 6, llm_width)
+    self.llm_width = llm_width
+    projector = PROJECTORS[self.flow.get("projector", "mlp2x_gelu")]
+    if self.flow.get("granularity_embedding", True):
+      self.granularity_embedding = nn.Parameter(torch.zeros(len(GRANULARITIES), llm_width))
+    else:
+      self.granularity_embedding = None
+    self.image_projector = projector(vit_width, llm_width)
+    self.region_groups = uses_region_tokens(self.flow)
+    if self.region_groups:
+      self.object_projector = projector(region_channels + 6, llm_width)
+      self.part_projector = projector(region_channels + 6, llm_width)
 
   def region_tokens(self, features, boxes, box_mask, canvas_size: int):
     """[B, h, w, C] features, [B, N, 4] boxes → [B, N, C + 6] (mean ROI feature and normalised box geometry)."""
@@ -127,21 +138,47 @@ class VisionFlow(nn.Module):
                        self.flow["sampling_ratio"]).mean(dim=(2, 3))  # [B, N, C]
     x0, y0, x1, y1 = (boxes / canvas_size).unbind(-1)
     geometry = torch.stack([x0, y0, x1, y1, x1 - x0, y1 - y0], dim=-1)  # [B, N, 6]
-    return torch.cat([pooled, geometry], dim=-1) * box_mask[..., None].float()
+    return torch.cat([pooled, geometry], dim=-1) * box_mask[..., None].to(pooled.dtype)
 
   def forward(self, image_features, stage_features, object_boxes, object_box_mask, part_boxes, part_box_mask,
               canvas_size: int) -> dict[str, torch.Tensor]:
-    tokens = {"image": image_features,
-              "object": self.region_tokens(stage_features, object_boxes, object_box_mask, canvas_size),
-              "part": self.region_tokens(stage_features, part_boxes, part_box_mask, canvas_size)}
+    tokens = {"image": image_features}
+    if self.region_groups:
+      tokens["object"] = self.region_tokens(stage_features, object_boxes, object_box_mask, canvas_size)
+      tokens["part"] = self.region_tokens(stage_features, part_boxes, part_box_mask, canvas_size)
     masks = {"image": None, "object": object_box_mask, "part": part_box_mask}
     out = {}
     for index, name in enumerate(GRANULARITIES):
-      projected = getattr(self, f"{name}_projector")(tokens[name]) + self.granularity_embedding[index]
+      if name not in tokens:
+        out[name] = image_features.new_zeros((image_features.shape[0], 0, self.llm_width))
+        continue
+      projected = getattr(self, f"{name}_projector")(tokens[name])
+      if self.granularity_embedding is not None:
+        projected = projected + self.granularity_embedding[index]
       if masks[name] is not None:
-        projected = projected * masks[name][..., None].float()
+        projected = projected * masks[name][..., None].to(projected.dtype)
       out[name] = projected  # [B, N_t, D]
     return out
+
+
+def clip_to_sam_normalisation(image):
+  """CLIP-normalised canvas [B, S, S, 3] → SAM-normalised, the zero padding kept zero (`models/unires.py`)."""
+  clip_mean = image.new_tensor(transforms.CLIP_MEAN)
+  clip_std = image.new_tensor(transforms.CLIP_STD)
+  pixels = (image * clip_std + clip_mean) * 255.0  # [B, S, S, 3] in 0..255
+  sam = (pixels - image.new_tensor(SAM_PIXEL_MEAN)) / image.new_tensor(SAM_PIXEL_STD)
+  is_padding = (image == 0).all(dim=-1, keepdim=True)
+  return torch.where(is_padding, torch.zeros_like(sam), sam)
+
+
+def sam_vision_encoder(sam_vit: Mapping[str, Any]) -> nn.Module:
+  """transformers' `SamVisionEncoder` for the `model.sam_vit` section (names as `convert/sam_vit.py`, no prefix)."""
+  from transformers import SamVisionConfig
+  from transformers.models.sam.modeling_sam import SamVisionEncoder
+
+  config = SamVisionConfig(**hf_configs.sam_vit_config_to_hf(sam_vit))
+  config._attn_implementation = "eager"
+  return SamVisionEncoder(config)
 
 
 class SegHead(nn.Module):
@@ -231,6 +268,8 @@ class SamDecoder(nn.Module):
 def insert_visual_tokens(embeds, token_type, groups: Mapping[int, torch.Tensor]):
   """The k-th slot of type t receives groups[t][:, k]. embeds [B, L, D] → [B, L, D]."""
   for type_id, tokens in groups.items():
+    if tokens.shape[1] == 0:  # no slots of this granularity
+      continue
     is_slot = token_type == type_id  # [B, L]
     rank = (is_slot.long().cumsum(dim=1) - 1).clamp(0, tokens.shape[1] - 1)  # [B, L]
     gathered = torch.gather(tokens, 1, rank[..., None].expand(-1, -1, tokens.shape[-1]))  # [B, L, D]
@@ -242,6 +281,8 @@ def slot_attention_mask(attention_mask, token_type, box_masks: Mapping[int, torc
   """The attention mask with slots of padded boxes switched off. [B, L] bool."""
   mask = attention_mask.bool()
   for type_id, box_mask in box_masks.items():
+    if box_mask.shape[1] == 0:
+      continue
     is_slot = token_type == type_id
     rank = (is_slot.long().cumsum(dim=1) - 1).clamp(0, box_mask.shape[1] - 1)
     slot_valid = torch.gather(box_mask.bool(), 1, rank)
@@ -249,83 +290,20 @@ def slot_attention_mask(attention_mask, token_type, box_masks: Mapping[int, torc
   return mask
 
 
-class UniRESTorch(nn.Module):
-  """The assembled model; `model_config` is the run's `model` config section as a dict."""
 
-  def __init__(self, model_config: Mapping[str, Any], llm: nn.Module | None = None,
-               vision_tower: nn.Module | None = None):
+
+class LoraLinear(nn.Module):
+  """A Linear with its LoRA factors kept apart: `base(x) + scale · (x Aᵀ) Bᵀ` (PEFT's `lora_A`, `lora_B` layout)."""
+
+  def __init__(self, base: nn.Linear, lora_a, lora_b, scale: float):
     super().__init__()
-    from transformers import CLIPVisionModel, ConvNextModel, LlamaForCausalLM
-    cfg = self.config = dict(model_config)
-    if cfg.get("dense_source", "convnext") != "convnext":
-      raise ValueError(f"model.dense_source {cfg['dense_source']!r}: the PyTorch model supports 'convnext'")
-    decoder_dim = cfg["mask_decoder"]["transformer_dim"]
-    llm_width = cfg["llm"]["hidden_size"]
-    self.llm = llm if llm is not None else LlamaForCausalLM(llama_hf_config(cfg["llm"]))
-    self.vision_tower = vision_tower if vision_tower is not None else CLIPVisionModel(clip_hf_config(cfg["vit"]))
-    self.vision_high = ConvNextModel(convnext_hf_config(cfg["convnext"]))
-    dims = cfg["convnext"]["dims"]
-    self.vision_flow = VisionFlow(cfg["vision_flow"], cfg["vit"]["width"],
-                                  dims[cfg["vision_flow"]["roi_feature_stage"]], llm_width)
-    self.seg_head = SegHead(llm_width, decoder_dim)
-    self.visual_key_proj = nn.Linear(llm_width, decoder_dim)
-    self.dynamic_query = DynamicQuery(decoder_dim, cfg["mask_decoder"]["num_heads"])
-    self.dense_neck = DenseNeck(dims[cfg["dense_feature_stage"]], decoder_dim)
-    self.sam = SamDecoder(cfg["mask_decoder"])
+    if lora_a.shape[1] != base.in_features or lora_b.shape[0] != base.out_features:
+      raise ValueError(f"LoRA factors A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)} do not fit a Linear "
+                       f"{base.in_features} → {base.out_features}")
+    self.base = base
+    self.lora_A = nn.Parameter(lora_a.to(base.weight.dtype), requires_grad=False)  # [r, in]
+    self.lora_B = nn.Parameter(lora_b.to(base.weight.dtype), requires_grad=False)  # [out, r]
+    self.scale = scale
 
-  @classmethod
-  def from_exported(cls, directory: str) -> "UniRESTorch":
-    """Loads `OUT/` of `scripts/convert_to_pytorch.py`: `llm/`, `vision_tower/`, `unires.safetensors`,
-    `config.json`. Every tensor of the heads file must be a parameter here and vice versa."""
-    from safetensors.torch import load_file
-    from transformers import CLIPVisionModel, LlamaForCausalLM
-
-    with open(os.path.join(directory, "config.json")) as f:
-      model_config = json.load(f)["model"]
-    llm = LlamaForCausalLM.from_pretrained(os.path.join(directory, "llm"), attn_implementation="eager")
-    tower = CLIPVisionModel.from_pretrained(os.path.join(directory, "vision_tower"), attn_implementation="eager")
-    model = cls(model_config, llm=llm, vision_tower=tower)
-    heads = load_file(os.path.join(directory, HEADS_FILE))
-    missing, unexpected = model.load_state_dict(heads, strict=False)
-    if unexpected:
-      raise KeyError(f"{HEADS_FILE}: tensor {unexpected[0]!r} is not a parameter of UniRESTorch")
-    missing = [n for n in missing if not n.startswith(("llm.", "vision_tower."))]
-    if missing:
-      raise KeyError(f"{HEADS_FILE}: parameter {missing[0]!r} is missing ({len(missing)} missing)")
-    return model.eval()
-
-  def encode_vision(self, batch) -> dict[str, Any]:
-    cfg = self.config
-    select = cfg["vit"].get("select_layer", -2) % (cfg["vit"]["depth"] + 1)
-    vit_out = self.vision_tower(pixel_values=batch["image_low"].permute(0, 3, 1, 2), output_hidden_states=True)
-    image_features = vit_out.hidden_states[select][:, 1:]  # [B, Ni, Dv], class token dropped
-    convnext_out = self.vision_high(pixel_values=batch["image_high"].permute(0, 3, 1, 2), output_hidden_states=True)
-    stages = [h.permute(0, 2, 3, 1) for h in convnext_out.hidden_states[1:]]  # 4 × [B, h, w, C]
-    canvas = cfg["convnext"]["image_size"]
-    groups = self.vision_flow(image_features, stages[cfg["vision_flow"]["roi_feature_stage"]], batch["object_boxes"],
-                              batch["object_box_mask"], batch["part_boxes"], batch["part_box_mask"], canvas)
-    return {"groups": groups, "dense": self.dense_neck(stages[cfg["dense_feature_stage"]])}
-
-  def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The teacher-forced forward on a DESIGN.md batch (torch tensors) → logits, mask_logits, iou_pred."""
-    vision = self.encode_vision(batch)
-    token_type = batch["token_type"]
-    groups = vision["groups"]
-    embeds = self.llm.get_input_embeddings()(batch["input_ids"].long())  # [B, L, D]
-    embeds = insert_visual_tokens(embeds, token_type, {TOKEN_IMAGE: groups["image"], TOKEN_OBJECT: groups["object"],
-                                                       TOKEN_PART: groups["part"]})
-    mask = slot_attention_mask(batch["attention_mask"], token_type,
-                               {TOKEN_OBJECT: batch["object_box_mask"], TOKEN_PART: batch["part_box_mask"]})
-    positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # real tokens before each slot, as the JAX LLM
-    hidden = self.llm.model(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=positions,
-                            use_cache=False).last_hidden_state  # [B, L, D]
-    logits = self.llm.lm_head(hidden).float()  # [B, L, V]
-    seg_index = batch["seg_index"].long()
-    seg_hidden = torch.gather(hidden, 1, seg_index[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0]  # [B, D]
-    seg_prompt = self.seg_head(seg_hidden)[:, None]  # [B, 1, Cd]
-    is_visual = (token_type > TOKEN_TEXT) & mask
-    dynamic_prompt = self.dynamic_query(seg_prompt, self.visual_key_proj(hidden), is_visual)  # [B, 1, Cd]
-    masks, iou = self.sam(vision["dense"], torch.cat([seg_prompt, dynamic_prompt], dim=1))  # [B, 4h, 4w], [B]
-    size = self.config["convnext"]["image_size"]
-    mask_logits = F.interpolate(masks[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)
-    return {"logits": logits, "mask_logits": mask_logits[:, 0], "iou_pred": iou.float()}
+  def forward(self, x):
+    return self.base(x) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
