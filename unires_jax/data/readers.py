@@ -455,9 +455,25 @@ _register("refcoco", read_refer, _refer_sources, dataset="refcoco", split_by="un
 _register("refcoco+", read_refer, _refer_sources, dataset="refcoco+", split_by="unc")
 _register("refcocog", read_refer, _refer_sources, dataset="refcocog", split_by="umd")
 _register("grefcoco", read_grefcoco, _grefcoco_sources, dataset="grefcoco", split_by="unc")
-_register("refcocom", read_cris, _cris_sources, dataset="refcocom", name="refcocom")
+_register("refcocom_cris", read_cris, _cris_sources, dataset="refcocom", name="refcocom")
 _register("cris", read_cris, _cris_sources)
 _register("mres32m", read_mres, _mres_sources, dataset="mres32m")
+
+
+def _read_refcocom_release(data_dir, split, **options):
+  from unires_jax.data import refcocom  # imported late: refcocom builds on this module
+
+  return refcocom.read_refcocom(data_dir, split, **options)
+
+
+def _refcocom_release_sources(data_dir, split, **options):
+  from unires_jax.data import refcocom
+
+  return refcocom.refcocom_sources(data_dir, split, **options)
+
+
+# RefCOCOm in its released layout (unires_jax/data/refcocom.py); `refcocom_cris` reads the CRIS layout.
+_register("refcocom", _read_refcocom_release, _refcocom_release_sources, dataset="refcocom")
 
 
 def _synthetic(read, sources, subdir: str, **defaults):
