@@ -3,6 +3,10 @@
 The special tokens (`<image> <obj> <part> [SEG]` and the span markers) are SentencePiece user-defined symbols in
 a model trained here; a LLaMA `tokenizer.model` lacks them, so they are appended after its base vocabulary and
 text is split on them before SentencePiece sees it. Either way `encode` maps each special token to one id.
+
+Special-token ids are resolved by vocabulary lookup (`piece_to_id`, or their appended position), never by
+tokenising the string: SentencePiece may put a `▁` piece before a symbol it tokenises. Each token is checked to be
+exactly one id of its own, and `special_id(token)` is the one way code asks for an id.
 """
 
 from __future__ import annotations
@@ -45,8 +49,38 @@ class Tokenizer:
       self.special_ids = dict(in_model)
     else:
       self.special_ids = {token: self.base_vocab_size + k for k, token in enumerate(SPECIAL_TOKENS)}
+    self._check_special_ids()
     self._special_by_id = {i: token for token, i in self.special_ids.items()}
     self._special_pattern = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+
+  def _check_special_ids(self) -> None:
+    """Each special token is exactly one id: its own piece (in the model) or its appended slot, shared with no
+    other special token nor with BOS/EOS/pad."""
+    where = f"SentencePiece model {self.model_path!r}"
+    for token, token_id in self.special_ids.items():
+      if not isinstance(token_id, int) or not 0 <= token_id < self.vocab_size:
+        raise ValueError(f"{where}: special token {token!r} resolves to {token_id!r}, expected one id in "
+                         f"[0, {self.vocab_size})")
+      if self.specials_in_model and self._sp.id_to_piece(token_id) != token:
+        raise ValueError(f"{where}: special token {token!r} resolves to id {token_id}, whose piece is "
+                         f"{self._sp.id_to_piece(token_id)!r}; expected the token itself as one piece")
+    by_id: dict[int, list[str]] = {}
+    for token, token_id in self.special_ids.items():
+      by_id.setdefault(token_id, []).append(token)
+    shared = {i: tokens for i, tokens in by_id.items() if len(tokens) > 1}
+    if shared:
+      raise ValueError(f"{where}: special tokens share ids {shared}; expected one id per token")
+    reserved = {"BOS": self.bos_id, "EOS": self.eos_id, "pad": self.pad_id}
+    clashes = {name: by_id[i] for name, i in reserved.items() if i in by_id}
+    if clashes:
+      raise ValueError(f"{where}: special tokens take the ids of {clashes}; expected ids of their own")
+
+  def special_id(self, token: str) -> int:
+    """The single id of a special token (SPECIAL_TOKENS), by vocabulary lookup."""
+    if token not in self.special_ids:
+      raise ValueError(f"{token!r} is not a special token of {self.model_path!r}; expected one of "
+                       f"{SPECIAL_TOKENS}")
+    return self.special_ids[token]
 
   @property
   def vocab_size(self) -> int:
