@@ -81,11 +81,13 @@ def _records(data_dir, split, **options):
 
 def test_part_only_file_reads_as_parts_with_both_sentence_forms(release):
   (record,) = _records(release, "val_part_only")
-  assert record["image_id"] == 1 and record["file_name"] == IMAGES[1] and (record["height"], record["width"]) == (H, W)
+  assert record["image_id"] == 1 and record["file_name"] == IMAGES[1]
+  assert (record["height"], record["width"]) == (H, W)
   by_ref = {ref["ref_id"]: ref for ref in record["refs"]}
   assert sorted(by_ref) == [101, 102]
   assert all(ref["granularity"] == "part" and ref["split"] == "val_part_only" for ref in by_ref.values())
-  assert by_ref[101]["sentences"] == [{"sent_id": 1011, "sent": "the head"}, {"sent_id": 1012, "sent": "head of the man"}]
+  assert by_ref[101]["sentences"] == [{"sent_id": 1011, "sent": "the head"},
+                                      {"sent_id": 1012, "sent": "head of the man"}]
   assert by_ref[102]["sentences"] == [{"sent_id": 0, "sent": "the left leg"}]  # a plain string: its position
   for segment_id in (101, 102):
     np.testing.assert_array_equal(records.ground_truth_mask(record, by_ref[segment_id]), MASKS[segment_id])

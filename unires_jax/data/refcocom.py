@@ -21,7 +21,6 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from unires_jax.data import readers
 
@@ -139,11 +138,9 @@ def read_refcocom(data_dir: str, split: str, *, image_dir: str | None = None, da
         except readers.MalformedEntryError as error:
           bad.handle(error, skip_bad)
           continue
-        rle = readers._rle_to_record(mask_utils.encode(np.asfortranarray(mask.astype(np.uint8))))
-        annotations.append({"ann_id": entry["segment_id"], "category": entry["category"],
-                            "granularity": entry["granularity"], "bbox": entry["bbox"], "rle": rle})
-        refs.append({"ref_id": entry["segment_id"], "split": split, "ann_ids": [entry["segment_id"]],
-                     "granularity": entry["granularity"], "sentences": entry["sentences"]})
+        annotation, ref = readers.segment_annotation_and_ref(entry, mask, split)
+        annotations.append(annotation)
+        refs.append(ref)
       if not refs:
         return None
       return {"dataset": dataset, "image_id": image_id, "file_name": img_name, "height": height, "width": width,
