@@ -278,3 +278,37 @@ def test_predict_without_boxes_uses_the_runs_source_prints_and_draws_them(traine
   predict_script.main(["--checkpoint", trained_run, "--image", image, "--text", "the roof",
                        "--out", str(tmp_path / "plain.png")])
   assert "the run config has no proposals section: no boxes" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_trainer_final_evaluation_labels_ground_truth_boxes(trained_run, tmp_path):
+  from configs import common
+  from unires_jax import sharding
+  from unires_jax.eval import loop as eval_loop
+  from unires_jax.train import state as state_lib
+
+  loaded = checkpoint_io.load_checkpoint(trained_run)
+  config = loaded.config
+  val = os.path.join(trained_run, "prepared", "synthetic_grefcoco", "val")
+  config.evals = {"synthetic/grefcoco": dict(type="grefcoco", dataset="synthetic", splits={"val": val})}
+  config.eval = dict(max_new_tokens=12, proposals=common.proposals_config("annotations"), allow_gt_boxes=True)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.sharding_rules)
+  model = state_lib.build_model(config.model)
+  params = inference.place_params(model, config.model, loaded.params, mesh, rules)
+  workdir = str(tmp_path / "run")
+  results = eval_loop.evaluate_during_training(config, model, params, lambda p: p, mesh, rules, workdir, 3,
+                                               final=True)
+  out = os.path.join(workdir, "eval", "step_3", "synthetic_grefcoco")
+  report = json.loads(open(os.path.join(out, "metrics.json")).read())
+  assert report["made_with"]["box_source"] == "annotations (ground-truth boxes)"
+  assert report["made_with"]["warning"] == provenance.GROUND_TRUTH_WARNING
+  assert report["made_with"]["checkpoint"] == os.path.join(workdir, "checkpoints", "3")
+  assert open(os.path.join(out, "metrics.md")).read().startswith("> **GROUND-TRUTH BOXES**")
+  assert provenance.read_sidecar(os.path.join(out, "predictions.jsonl")).ground_truth_boxes
+  answers = report["splits"]["val"]["answers"]
+  assert sum(answers.values()) == len(records.SplitSource(val))
+  assert results["eval/synthetic/grefcoco"]["val/invalid"] == answers["invalid"]
+  # The evaluated records carry the ground-truth boxes as their proposals, named by source.
+  attached = records.SplitSource(os.path.join(workdir, "eval", "proposals", "synthetic_grefcoco", "val")).record(0)
+  assert attached["proposals"]["source"] == "annotations (ground-truth boxes)"

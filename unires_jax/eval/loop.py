@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
@@ -21,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from unires_jax import sharding
 from unires_jax.data import pipeline, records as records_lib, tokenizer as tokenizer_lib
-from unires_jax.eval import answers as answers_lib
+from unires_jax.eval import answers as answers_lib, provenance
 from unires_jax.eval import box_source, evaluators, inference, metrics as metrics_lib, predictions as predictions_lib
 from unires_jax.train import step as step_lib
 
@@ -115,7 +116,8 @@ def write_overlays(split_dir: str, predictions_path: str, out_dir: str, count: i
   return written
 
 
-def trainer_eval_splits(config, workdir: str, step: int) -> tuple[dict[str, dict[str, str]], Any, Any]:
+def trainer_eval_splits(config, workdir: str, step: int
+                        ) -> tuple[dict[str, dict[str, str]], ml_collections.ConfigDict, provenance.MadeWith]:
   """({eval name: {split: prepared dir with the eval source's proposals}}, the run config the evaluators' pipeline
   uses (it reads those proposals only), and the provenance of the results); raises before any work when the
   source gives ground-truth boxes without `config.eval.allow_gt_boxes`."""
@@ -142,6 +144,8 @@ def evaluate_during_training(config, model, params, params_transform, mesh, rule
   if not (final or config.get("eval", {}).get("generate_every_time", False)) or not config.get("evals", {}):
     return results
   split_dirs, eval_config, made_with = trainer_eval_splits(config, workdir, step)
+  if jax.process_index() == 0:
+    log.info("evaluation at step %d: %s", step, made_with.markdown().strip())
   predict_fn = make_predict_fn(model, eval_config, mesh, rules, params_transform)
   tokenizer = tokenizer_lib.Tokenizer(pipeline.resolve_tokenizer(eval_config))
   answer_parser = answers_lib.AnswerParser.from_config(eval_config, tokenizer)
