@@ -96,11 +96,13 @@ def test_eval_pipeline_reads_the_attached_boxes_and_never_falls_back_to_ground_t
   config = _pipeline_config(original, tmp_path)
   batch = lambda cfg, split_dir: next(iter(pipeline.make_eval_iterator(cfg, split_dir, process_index=0,
                                                                        process_count=1)))
-  # The records' own 'auto' choice fills empty proposals with ground-truth boxes: what evaluation must avoid.
-  assert batch(config, attached)["object_box_mask"].any()
-  honest = batch(box_source.eval_run_config(config), attached)
+  # The run's own (training) choice reads ground-truth boxes: what evaluation must avoid.
+  assert config.data.box_source == "annotations" and batch(config, attached)["object_box_mask"].any()
+  eval_config = box_source.eval_run_config(config)
+  honest = batch(eval_config, attached)
   assert not honest["object_box_mask"].any() and not honest["part_box_mask"].any()
-  assert config.data.box_source == "auto"  # the run config itself is left as it was
+  assert pipeline.box_source_of(attached, eval_config.data) == "none (no boxes)"
+  assert config.data.box_source == "annotations"  # the run config itself is left as it was
 
 
 def _trainer_config(data_dir, tmp_path, **eval_section):
@@ -125,7 +127,8 @@ def test_trainer_final_evaluation_follows_the_policy(data_dir, tmp_path):
   assert attached == str(tmp_path / "run" / "eval" / "proposals" / "synthetic_grefcoco" / "val")
   assert records.SplitSource(attached).record(0)["proposals"]["source"] == "none (no boxes)"
   assert len(records.SplitSource(attached)) == len(records.SplitSource(split_dir))
-  assert eval_config.data.box_source == "proposals" and config.data.box_source == "auto"
+  assert eval_config.data.box_source == "proposals" and config.data.box_source == "annotations"
+  assert pipeline.box_source_of(attached, eval_config.data) == made_with.box_source
   assert made_with == provenance.MadeWith("none (no boxes)", False, "per_sentence",
                                           str(tmp_path / "run" / "checkpoints" / "6"), 6)
 

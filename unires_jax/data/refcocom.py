@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from unires_jax.data import readers
+from unires_jax.data import readers, records
 
 BENCHMARK_SPLITS = ("val", "testA", "testB")
 # Release set → the paper's column it is scored for.
@@ -145,7 +145,7 @@ def read_refcocom(data_dir: str, split: str, *, image_dir: str | None = None, da
         return None
       return {"dataset": dataset, "image_id": image_id, "file_name": img_name, "height": height, "width": width,
               "image_bytes": image_bytes, "annotations": annotations,
-              "proposals": readers._proposals(annotations), "refs": sorted(refs, key=lambda r: r["ref_id"])}
+              "proposals": records.empty_proposals(), "refs": sorted(refs, key=lambda r: r["ref_id"])}
     return readers._ImagePlan((image_id, img_name), build)
 
   plans = [plan(image_id, img_name, image_entries) for (image_id, img_name), image_entries in by_image.items()]

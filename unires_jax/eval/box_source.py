@@ -2,7 +2,7 @@
 
 Benchmark evaluation (`scripts/eval.py --config.checkpoint`, the trainer's final evaluation) reads its boxes from a
 proposal source (`unires_jax.proposals`) attached to the records when a split is prepared, and the pipeline is told
-to read exactly those (`data.box_source = 'proposals'`), so no ground-truth box slips in as a fallback. A source
+to read exactly those (`data.box_source = 'proposals'`), whatever the run trained with (usually `annotations`). A source
 that reads annotations (`is_ground_truth`) is refused unless `allow_gt_boxes=True`; the result then says
 "ground-truth boxes" (`provenance.MadeWith`).
 """
