@@ -130,3 +130,19 @@ def test_each_special_token_must_be_one_id_of_its_own(toy_model, base_model):
   for other in (toy.special_ids["<obj>"], toy.eos_id):
     with pytest.raises(ValueError, match=r"'\[SEG\]' resolves to id \d+, whose piece is '(<obj>|</s>)'"):
       _with_ids(toy_model, **{"[SEG]": other})._check_special_ids()
+
+
+def test_added_tokens_json_ids_are_checked_to_be_one_each(base_model, tmp_path):
+  import json
+  import shutil
+
+  shutil.copy(base_model, tmp_path / "tokenizer.model")
+  base = spm.SentencePieceProcessor(model_file=base_model).get_piece_size()
+  added = {"<im_patch>": base, "<im_start>": base + 1, "<im_end>": base + 2, "[SEG]": base + 3}
+  (tmp_path / "added_tokens.json").write_text(json.dumps(added))
+  tok = tokenizer_lib.Tokenizer(str(tmp_path / "tokenizer.model"))
+  assert tok.special_id("[SEG]") == base + 3 and tok.special_id("<image>") == base
+  (tmp_path / "added_tokens.json").write_text(json.dumps(dict(added, **{"[SEG]": base + 2})))
+  with pytest.raises(ValueError, match=r"added_tokens.json': special tokens share ids \{\d+: \['<im_end>', "
+                                       r"'\[SEG\]'\]\}"):
+    tokenizer_lib.Tokenizer(str(tmp_path / "tokenizer.model"))
