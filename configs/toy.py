@@ -33,7 +33,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train = common.train_config(total_steps=6 if quick else 3000, log_every=2 if quick else 100,
                                 checkpoint_every=3 if quick else 500)
   c.optim = common.optim_config(warmup_steps=2 if quick else 50)
-  c.eval = dict(max_new_tokens=12, generate_every_time=False)
+  # The final evaluation's boxes: ground truth, allowed and labelled in every metrics file ("ground-truth boxes")
+  # until the toy job evaluates on proposals nobody annotated.
+  c.eval = dict(max_new_tokens=12, generate_every_time=False, proposals=common.proposals_config("annotations"),
+                allow_gt_boxes=True)
   c.eval_splits = {f"{layout}/val": f"{prepared}/{layout}/val" for layout in LAYOUTS}
   c.evals = {
       "synthetic_grefcoco": dict(type="synthetic", dataset="synthetic", splits={"val": f"{prepared}/synthetic_grefcoco/val"}),

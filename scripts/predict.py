@@ -9,9 +9,11 @@ with the mask tinted red; the generated answer is printed. An answer without `[S
 mask is empty. `--input` takes one JSON object per line, `{"image": path, "text": phrase, "out": path}` (optionally
 `"boxes"`), run in batches of `--batch_size`.
 
-Boxes: the model reads object and part proposals as tokens. A single image has none, so by default every box slot
-is empty (masked); `--boxes '{"object": [[x0, y0, x1, y1], ...], "part": [...]}'` (pixels of the original image, or
-a path to such a JSON file) gives detector boxes, as the training records had.
+Boxes: the model reads object and part proposals as tokens. `--boxes '{"object": [[x0, y0, x1, y1], ...], "part":
+[...]}'` (pixels of the original image, or a path to such a JSON file) gives them; without it the run's configured
+proposal source computes them (the run config's `proposals` section; `none`, every slot masked, when the run has
+none or names the ground-truth source, with a printed note). The boxes used are printed and outlined in the overlay
+(objects yellow, parts cyan). `unires_jax.eval.predictor.Predictor` does the work.
 """
 
 from __future__ import annotations
@@ -103,44 +105,32 @@ def _load_image(path: str) -> np.ndarray:
     raise ValueError(f"image {path!r} cannot be read ({error})") from error
 
 
+def _format_boxes(boxes: dict) -> str:
+  shown = {kind: [[round(v, 1) for v in box] for box in boxes[kind]] for kind in ("object", "part")}
+  return (f"{len(shown['object'])} object and {len(shown['part'])} part boxes from {boxes['source']}: "
+          f"object {shown['object']}, part {shown['part']}")
+
+
 def predict(requests: list[dict], checkpoint: str, step: int | None = None, batch_size: int = 8,
             max_new_tokens: int | None = None) -> list[dict]:
-  """Runs the checkpoint on every request; writes the PNGs and returns [{image, text, answer, no_target, out,
-  overlay}]."""
-  from unires_jax import sharding
-  from unires_jax.data import tokenizer as tokenizer_lib
-  from unires_jax.eval import checkpoint_io, inference, loop
-  from unires_jax.train import state as state_lib
+  """Runs the checkpoint on every request; writes the PNGs and returns [{image, text, answer, no_target, invalid,
+  boxes, mask_pixels, out, overlay}]."""
+  from unires_jax.eval import inference, predictor as predictor_lib
 
-  loaded = checkpoint_io.load_checkpoint(checkpoint, step)
-  config = loaded.config
-  if max_new_tokens is not None:
-    config.eval = dict(config.eval.to_dict() if "eval" in config else {}, max_new_tokens=int(max_new_tokens))
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules_from_config(config.sharding_rules)
-  shards = sharding.batch_size_per_data_shard(mesh)
-  padded_size = -(-max(1, int(batch_size)) // shards) * shards  # rounded up to fill the mesh's batch axes
-  model = state_lib.build_model(config.model)
-  params = inference.place_params(model, config.model, loaded.params, mesh, rules)
-  tokenizer = tokenizer_lib.Tokenizer(config.data.tokenizer_path)
-  predict_fn = loop.make_predict_fn(model, config, mesh, rules)
-
+  predictor = predictor_lib.Predictor(checkpoint, step=step, batch_size=batch_size, max_new_tokens=max_new_tokens)
+  if any(request["boxes"] is None for request in requests):
+    print(f"predict.py: boxes not given: {predictor.source_note}")
+  images = [_load_image(r["image"]) for r in requests]
+  outputs = predictor.predict(images, [r["text"] for r in requests], [r["boxes"] for r in requests])
   results = []
-  for start in range(0, len(requests), padded_size):
-    chunk = requests[start:start + padded_size]
-    images = [_load_image(r["image"]) for r in chunk]
-    batch = inference.make_prompt_batch(config, tokenizer, images, [r["text"] for r in chunk],
-                                        [r["boxes"] for r in chunk])
-    outputs = predict_fn(params, inference.pad_batch(batch, padded_size))
-    masks = inference.masks_to_original(outputs, [image.shape[:2] for image in images])
-    answers = inference.decode_answers(outputs["tokens"][:len(chunk)], tokenizer)
-    for request, image, mask, answer, has_seg in zip(chunk, images, masks, answers, outputs["has_seg"]):
-      os.makedirs(os.path.dirname(os.path.abspath(request["out"])), exist_ok=True)
-      Image.fromarray(mask.astype(np.uint8) * 255).save(request["out"])
-      overlay = overlay_path(request["out"])
-      Image.fromarray(inference.overlay(image, mask)).save(overlay)
-      results.append(dict(image=request["image"], text=request["text"], answer=answer, no_target=not bool(has_seg),
-                          mask_pixels=int(mask.sum()), out=request["out"], overlay=overlay))
+  for request, image, output in zip(requests, images, outputs):
+    os.makedirs(os.path.dirname(os.path.abspath(request["out"])), exist_ok=True)
+    Image.fromarray(output.mask.astype(np.uint8) * 255).save(request["out"])
+    overlay = overlay_path(request["out"])
+    Image.fromarray(inference.overlay(image, output.mask, boxes=output.proposals)).save(overlay)
+    results.append(dict(image=request["image"], text=request["text"], answer=output.answer,
+                        no_target=output.no_target, invalid=output.invalid, boxes=output.proposals,
+                        mask_pixels=int(output.mask.sum()), out=request["out"], overlay=overlay))
   return results
 
 
@@ -161,15 +151,18 @@ def main(argv=None) -> list[dict]:
     raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist (expected a training workdir)")
   results = predict(requests, args.checkpoint, args.step, args.batch_size, args.max_new_tokens)
   for result in results:
-    outcome = "no target" if result["no_target"] else f"mask of {result['mask_pixels']} pixels"
+    outcome = ("invalid answer, no mask" if result["invalid"] else "no target" if result["no_target"]
+               else f"mask of {result['mask_pixels']} pixels")
     print(f"{result['image']}: {result['text']!r} -> {result['answer']!r} ({outcome}); wrote {result['out']} and "
           f"{result['overlay']}")
+    print(f"  boxes: {_format_boxes(result['boxes'])}")
   return results
 
 
 if __name__ == "__main__":
   try:
     main()
-  except (FileNotFoundError, ValueError) as error:
-    print(f"predict.py: error: {error}", file=sys.stderr)
+  except (FileNotFoundError, ValueError, KeyError) as error:
+    message = error.args[0] if isinstance(error, KeyError) and error.args else error
+    print(f"predict.py: error: {message}", file=sys.stderr)
     sys.exit(2)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from configs import common
+from unires_jax.data import prompts
 from unires_jax.eval import inference
 from unires_jax.models.example_batch import example_batch
 from unires_jax.models.unires import UniRESConfig
@@ -182,3 +183,21 @@ def test_decode_answers_cuts_at_eos():
 
   tokens = np.array([[5, 6, 2, 7], [8, 9, 10, 11]])
   assert inference.decode_answers(tokens, FakeTokenizer()) == ["5 6", "8 9 10 11"]
+
+
+def test_each_row_alone_generates_what_it_generates_in_the_batch(setup):
+  """Padding-safety at the model level: rows of different prompt lengths share a batch without seeing each other."""
+  params, batch, generate = setup["params"], setup["batch"], setup["free_generate"]
+  together = jax.device_get(generate(params, batch))
+  for row in range(batch["input_ids"].shape[0]):
+    alone = jax.device_get(generate(params, {k: v[row:row + 1] for k, v in batch.items()}))
+    np.testing.assert_array_equal(alone["tokens"][0], together["tokens"][row])
+    scale = np.abs(together["mask_logits"][row]).max()
+    np.testing.assert_allclose(alone["mask_logits"][0], together["mask_logits"][row], rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_kept_boxes_are_the_pipelines_choice_larger_first():
+  boxes = np.array([[0, 0, 1, 1], [0, 0, 5, 5], [0, 0, 2, 2], [0, 0, 4, 4], [0, 0, 3, 3], [0, 0, 6, 1]], np.float32)
+  np.testing.assert_array_equal(prompts.kept_boxes(boxes, 4), boxes[[1, 3, 4, 5]])  # areas 25, 16, 9, 6
+  np.testing.assert_array_equal(prompts.kept_boxes(boxes[:3], 4), boxes[:3])  # all fit: kept in order
+  assert prompts.kept_boxes(None, 4).shape == (0, 4)

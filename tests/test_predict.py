@@ -1,10 +1,12 @@
-"""Inference from a checkpoint: prompts equal the pipeline's, scripts/predict.py outputs and errors,
-write_predictions → scripts/eval.py scoring on the synthetic set."""
+"""Inference from a checkpoint: prompts equal the pipeline's, scripts/predict.py outputs and errors, the Predictor
+(batch 1 = batch 8, proposals from the run's source, drawn in the overlay), write_predictions → scripts/eval.py
+scoring on the synthetic set with its provenance."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -15,7 +17,8 @@ from configs.eval import synthetic as synthetic_eval
 from scripts import predict as predict_script
 from unires_jax.data import pipeline, readers, records, synthetic
 from unires_jax.data import tokenizer as tokenizer_lib
-from unires_jax.eval import checkpoint_io, inference, scoring
+from unires_jax import proposals as proposals_lib
+from unires_jax.eval import checkpoint_io, inference, predictor as predictor_lib, provenance, scoring
 
 PROMPT_KEYS = ("image_low", "image_high", "object_boxes", "object_box_mask", "part_boxes", "part_box_mask")
 
@@ -146,9 +149,26 @@ def test_write_predictions_is_complete_and_scores_like_the_evaluator(trained_run
   config.checkpoint = trained_run
   config.data_dir = os.path.join(trained_run, "synthetic")
   config.output_dir = str(tmp_path / "eval")
-  path = inference.write_predictions(config)
+  before = config.to_dict()
+  written = inference.write_predictions(config)
+  assert config.to_dict() == before  # write_predictions leaves its config alone
+  path = written.predictions
   assert path == str(tmp_path / "eval" / "generation" / "predictions.jsonl")
+  assert written.output_dir == str(tmp_path / "eval")
+  expected = provenance.MadeWith("none (no boxes)", False, "per_sentence",
+                                 os.path.join(trained_run, "checkpoints", "3"), 3)
+  assert written.made_with == expected == provenance.read_sidecar(path)
+  # The prepared records carry the source's (empty) proposals, which is all the pipeline reads.
+  prepared = records.SplitSource(str(tmp_path / "eval" / "prepared" / "val")).record(0)["proposals"]
+  assert prepared["source"] == "none (no boxes)" and prepared["object"] == prepared["part"] == []
   report = scoring.score_from_config(dict_config(config, predictions=path))
+  assert report["made_with"] == expected.to_json()
+  assert report["table"].startswith(f"Made with: boxes none (no boxes); one sample per sentence; IoU at the "
+                                    f"original image resolution; checkpoint {expected.checkpoint}, step 3.")
+  in_loop_report = json.loads((tmp_path / "eval" / "generation" / "metrics.json").read_text())
+  answers = in_loop_report["splits"]["val"]["answers"]
+  assert sum(answers.values()) == report["splits"]["val"]["coverage"]["samples"]
+  assert report["splits"]["val"]["invalid"] == answers["invalid"]
   coverage = report["splits"]["val"]["coverage"]
   assert coverage["samples"] > 0 and coverage["num_missing"] == coverage["num_duplicate"] == 0
   with open(path) as f:
@@ -249,9 +269,8 @@ def test_export_predictions_equal_jax_over_the_val_split(trained_run, exported_r
   config.checkpoint = trained_run
   config.data_dir = os.path.join(trained_run, "synthetic")
   config.output_dir = str(tmp_path / "eval")
-  jax_path = inference.write_predictions(config)
-  with open(os.path.join(trained_run, "config.json")) as f:
-    box_source = json.load(f)["data"]["box_source"]
+  jax_path = inference.write_predictions(config).predictions
+  box_source = "proposals"  # benchmark evaluation reads the proposals attached to the prepared records
   torch_path = str(tmp_path / "torch_predictions.jsonl")
   count = predict_export.predict_split(Predictor.from_exported(exported_run), str(tmp_path / "eval" / "prepared" / "val"),
                                        torch_path, box_source=box_source)
@@ -302,3 +321,120 @@ def test_export_generation_equals_jax(trained_run, exported_run):
   np.testing.assert_allclose(got_logits, want_logits, atol=1e-3, rtol=0)
   for row in range(len(images)):
     assert _iou(got_logits[row] > 0, want_logits[row] > 0) >= 0.999, row
+
+
+FIXED_BOXES = {"object": [[2.0, 3.0, 40.0, 50.0], [10.0, 10.0, 30.0, 20.0]], "part": [[5.0, 5.0, 15.0, 12.0]]}
+
+
+@proposals_lib.SOURCES.register("test_fixed_boxes")
+class FixedBoxes:
+  """A stand-in detector for the tests: the same boxes on every image."""
+  is_ground_truth = False
+
+  def __init__(self, config=None):
+    del config
+
+  def describe(self) -> str:
+    return "test_fixed_boxes"
+
+  def __call__(self, images):
+    return [proposals_lib.ImageProposals(np.asarray(FIXED_BOXES["object"], np.float32),
+                                         np.asarray(FIXED_BOXES["part"], np.float32), np.ones((2,), np.float32),
+                                         np.ones((1,), np.float32)) for _ in images]
+
+
+def test_overlay_outlines_object_and_part_boxes():
+  pixels = np.zeros((12, 16, 3), np.uint8)
+  mask = np.zeros((12, 16), bool)
+  out = inference.overlay(pixels, mask, boxes={"object": [[2, 3, 6, 8]], "part": [[10, 1, 14, 4]]})
+  yellow, cyan = inference.BOX_COLOURS["object"], inference.BOX_COLOURS["part"]
+  assert tuple(out[3, 2]) == yellow and tuple(out[7, 5]) == yellow and tuple(out[3, 4]) == yellow  # edges, 1 px
+  assert tuple(out[5, 4]) == (0, 0, 0)  # inside stays
+  assert tuple(out[1, 10]) == cyan and tuple(out[3, 13]) == cyan
+  np.testing.assert_array_equal(inference.overlay(pixels, mask, boxes={"object": [], "part": []}), pixels)
+
+
+@pytest.mark.slow
+def test_batch_of_one_and_batch_of_eight_give_identical_answers_and_masks(trained_run):
+  import jax
+
+  names = sorted(os.listdir(os.path.join(trained_run, "synthetic", "images")))[:8]
+  images = [np.asarray(Image.open(os.path.join(trained_run, "synthetic", "images", n)).convert("RGB"))
+            for n in names]
+  phrases = ["the roof", "the tree on the left of the big red house", "the robot", "the purple robot",
+             "the door of the blue house", "all trees", "the head of the yellow robot", "the crown"]
+  boxes = [None, FIXED_BOXES, None, {"object": FIXED_BOXES["object"]}, None, None, FIXED_BOXES, None]
+  one_device = jax.devices()[:1]
+  single = predictor_lib.Predictor(trained_run, batch_size=1, devices=one_device)
+  eight = predictor_lib.Predictor(trained_run, batch_size=8, devices=one_device)
+  assert (single.batch_size, eight.batch_size) == (1, 8)
+  alone = [single.predict([image], [phrase], [box])[0] for image, phrase, box in zip(images, phrases, boxes)]
+  together = eight.predict(images, phrases, boxes)
+  padded = eight.predict(images[:5], phrases[:5], boxes[:5])  # 3 padding rows
+  for reference, batched in zip(alone, together):
+    assert batched.answer == reference.answer and batched.no_target == reference.no_target
+    np.testing.assert_array_equal(batched.mask, reference.mask)
+    assert batched.proposals == reference.proposals
+  for reference, batched in zip(alone, padded):
+    assert batched.answer == reference.answer
+    np.testing.assert_array_equal(batched.mask, reference.mask)
+  assert together[1].proposals == {"source": predictor_lib.GIVEN, **FIXED_BOXES}
+  assert together[3].proposals["part"] == [] and together[0].proposals["source"] == "none (no boxes)"
+
+
+@pytest.mark.slow
+def test_predict_without_boxes_uses_the_runs_source_prints_and_draws_them(trained_run, tmp_path, capsys):
+  run = tmp_path / "run"
+  shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("eval", "overlays", "tensorboard"))
+  config = json.loads((run / "config.json").read_text())
+  config["proposals"] = {"source": "test_fixed_boxes"}
+  (run / "config.json").write_text(json.dumps(config))
+  image = os.path.join(run, "synthetic", "images", sorted(os.listdir(run / "synthetic" / "images"))[0])
+  (result,) = predict_script.main(["--checkpoint", str(run), "--image", image, "--text", "the roof",
+                                   "--out", str(tmp_path / "out.png")])
+  printed = capsys.readouterr().out
+  assert "proposals from the run's source test_fixed_boxes" in printed
+  assert "2 object and 1 part boxes from test_fixed_boxes: object [[2.0, 3.0, 40.0, 50.0]" in printed
+  assert result["boxes"] == {"source": "test_fixed_boxes", **FIXED_BOXES}
+  pixels = np.asarray(Image.open(image).convert("RGB"))
+  mask = np.asarray(Image.open(tmp_path / "out.png")) > 0
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out_overlay.png")),
+                                inference.overlay(pixels, mask, boxes=FIXED_BOXES))
+  # The trained run itself names no source: no boxes, and a note says so.
+  predict_script.main(["--checkpoint", trained_run, "--image", image, "--text", "the roof",
+                       "--out", str(tmp_path / "plain.png")])
+  assert "the run config has no proposals section: no boxes" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_trainer_final_evaluation_labels_ground_truth_boxes(trained_run, tmp_path):
+  from configs import common
+  from unires_jax import sharding
+  from unires_jax.eval import loop as eval_loop
+  from unires_jax.train import state as state_lib
+
+  loaded = checkpoint_io.load_checkpoint(trained_run)
+  config = loaded.config
+  val = os.path.join(trained_run, "prepared", "synthetic_grefcoco", "val")
+  config.evals = {"synthetic/grefcoco": dict(type="grefcoco", dataset="synthetic", splits={"val": val})}
+  config.eval = dict(max_new_tokens=12, proposals=common.proposals_config("annotations"), allow_gt_boxes=True)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.sharding_rules)
+  model = state_lib.build_model(config.model)
+  params = inference.place_params(model, config.model, loaded.params, mesh, rules)
+  workdir = str(tmp_path / "run")
+  results = eval_loop.evaluate_during_training(config, model, params, lambda p: p, mesh, rules, workdir, 3,
+                                               final=True)
+  out = os.path.join(workdir, "eval", "step_3", "synthetic_grefcoco")
+  report = json.loads(open(os.path.join(out, "metrics.json")).read())
+  assert report["made_with"]["box_source"] == "annotations (ground-truth boxes)"
+  assert report["made_with"]["warning"] == provenance.GROUND_TRUTH_WARNING
+  assert report["made_with"]["checkpoint"] == os.path.join(workdir, "checkpoints", "3")
+  assert open(os.path.join(out, "metrics.md")).read().startswith("> **GROUND-TRUTH BOXES**")
+  assert provenance.read_sidecar(os.path.join(out, "predictions.jsonl")).ground_truth_boxes
+  answers = report["splits"]["val"]["answers"]
+  assert sum(answers.values()) == len(records.SplitSource(val))
+  assert results["eval/synthetic/grefcoco"]["val/invalid"] == answers["invalid"]
+  # The evaluated records carry the ground-truth boxes as their proposals, named by source.
+  attached = records.SplitSource(os.path.join(workdir, "eval", "proposals", "synthetic_grefcoco", "val")).record(0)
+  assert attached["proposals"]["source"] == "annotations (ground-truth boxes)"

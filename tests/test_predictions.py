@@ -72,6 +72,19 @@ def test_no_target_flag_empties_the_mask():
   assert _prediction(1, 1, full).predicted_mask().all()
 
 
+def test_invalid_answer_flag_empties_the_mask_and_round_trips(tmp_path):
+  full = np.ones((4, 4), bool)
+  invalid = P.Prediction.from_mask("synthetic", "val", 1, 2, full, no_target=True, invalid=True)
+  assert not invalid.predicted_mask().any()
+  assert not P.Prediction.from_mask("synthetic", "val", 1, 2, full, invalid=True).predicted_mask().any()
+  assert P.Prediction.from_mask("synthetic", "val", 1, 2, full, invalid=False).predicted_mask().all()
+  path = str(tmp_path / "predictions.jsonl")
+  P.write_predictions(path, [invalid, _prediction(1, 3, full)])
+  lines = [json.loads(line) for line in open(path)]
+  assert lines[0]["invalid"] is True and "invalid" not in lines[1]
+  assert P.read_predictions(path)[0] == invalid
+
+
 def test_writer_leaves_no_file_on_error(tmp_path):
   path = tmp_path / "predictions.jsonl"
   with pytest.raises(RuntimeError):
@@ -90,6 +103,7 @@ GOOD = {"dataset": "synthetic", "split": "val", "ref_id": 3, "sent_id": 7, "mask
     (lambda d: d.update(ref_id=True), "field 'ref_id' must be an integer"),
     (lambda d: d.update(split=""), "field 'split' must be a non-empty string"),
     (lambda d: d.update(no_target="yes"), "field 'no_target' must be true or false"),
+    (lambda d: d.update(invalid=1), "field 'invalid' must be true or false"),
     (lambda d: d.update(score=0.5), r"unknown field\(s\) \['score'\]"),
     (lambda d: d.update(mask={"size": [3, 4]}), "field 'mask' must be an object"),
     (lambda d: d.update(mask={"size": [3, 0], "counts": "714"}), "field 'mask.size'"),

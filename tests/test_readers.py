@@ -150,7 +150,7 @@ def test_cris_png_masks_and_part_granularity(tmp_path):
                      {"idx": 1, "sent_id": 3021, "sent": "head of the dog"}], "sentences_num": 2},
   ]
   (folder / "anns" / "refcocom" / "val.json").write_text(json.dumps(entries))
-  (record,) = _read("refcocom", folder, "val", part_categories=("head",))
+  (record,) = _read("refcocom_cris", folder, "val", part_categories=("head",))
   assert record["image_id"] == 42 and record["dataset"] == "refcocom"
   by_ref = {ref["ref_id"]: ref for ref in record["refs"]}
   assert by_ref[301]["granularity"] == "object" and by_ref[302]["granularity"] == "part"
@@ -222,7 +222,7 @@ def test_cris_missing_key_names_file_and_entry(tmp_path):
   (folder / "anns" / "refcocom" / "val.json").write_text(json.dumps([{"img_name": "a_1.jpg", "bbox": [0, 0, 1, 1],
                                                                        "cat": "x", "sentences": []}]))
   with pytest.raises(readers.MalformedEntryError, match=r"anns/refcocom/val.json entry 0: 'segment_id' missing"):
-    _read("refcocom", folder, "val")
+    _read("refcocom_cris", folder, "val")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from configs.eval import grefcoco as grefcoco_config
 from configs.eval import synthetic as synthetic_config
 from unires_jax.data import readers, records, synthetic
 from unires_jax.data import transforms
-from unires_jax.eval import evaluators, scoring
+from unires_jax.eval import answers, evaluators, provenance, scoring
 from unires_jax.eval import predictions as P
 
 # pycocotools' decoder (under records.ground_truth_mask) warns on numpy 2; the warning is not ours to fix.
@@ -165,12 +165,15 @@ def test_configs_select_splits_and_name_unknown_ones():
               "refcocoplus": ("refcoco", "refcoco+", ["val", "testA", "testB"]),
               "refcocog": ("refcoco", "refcocog", ["val", "test"]),
               "grefcoco": ("grefcoco", "grefcoco", ["val", "testA", "testB"]),
-              "refcocom": ("refcocom", "refcocom", ["val", "testA", "testB"]),
+              "refcocom": ("refcocom", "refcocom", ["val_part_only", "val_object_part", "testA_part_only",
+                                                     "testA_object_part", "testB_part_only", "testB_object_part"]),
               "synthetic": ("synthetic", "synthetic", ["val", "testA", "testB"])}
   for name, (evaluator, dataset, splits) in expected.items():
     config = importlib.import_module(f"configs.eval.{name}").get_config()
     assert (config.type, config.dataset, list(config.splits)) == (evaluator, dataset, splits)
     assert config.type in evaluators.EVALUATORS and config.reader in readers.DATASETS
+    assert (config.proposals.source, config.allow_gt_boxes, config.sentence_mode) == ("none", False,
+                                                                                      "per_sentence")
 
 
 # ------------------------------------------------------------------------------------------- the evaluator
@@ -286,3 +289,134 @@ def test_eval_script_scores_a_file(tmp_path, data_dir):
   assert result.returncode == 0, result.stderr[-2000:]
   assert "| val | 100.00 |" in result.stdout
   assert json.loads((out / "metrics.json").read_text())["splits"]["val"]["metrics"]["cIoU"] == 100.0
+
+
+# ------------------------------------------------------------------------ provenance, box policy, answers
+
+
+GT_MADE_WITH = provenance.MadeWith(box_source="annotations (ground-truth boxes)", ground_truth_boxes=True,
+                                   checkpoint="/runs/x/checkpoints/3", step=3)
+
+
+def test_predictions_made_with_ground_truth_boxes_are_refused_unless_allowed(tmp_path, data_dir):
+  path = tmp_path / "predictions.jsonl"
+  _write(path, data_dir, "synthetic_grefcoco", splits=("val",))
+  provenance.write_sidecar(str(path), GT_MADE_WITH)
+  assert (tmp_path / "predictions.meta.json").exists()
+  with pytest.raises(provenance.GroundTruthBoxesError, match="ground-truth boxes.*allow_gt_boxes=True"):
+    _score(path, data_dir, "synthetic_grefcoco", splits=("val",))
+  assert not (tmp_path / "metrics.json").exists()
+  report = _score(path, data_dir, "synthetic_grefcoco", splits=("val",), allow_gt_boxes=True)
+  written = json.loads((tmp_path / "metrics.json").read_text())
+  assert written["made_with"] == {**GT_MADE_WITH.to_json(), "warning": provenance.GROUND_TRUTH_WARNING}
+  assert written["made_with"]["warning"].startswith("ground-truth boxes:")
+  markdown = (tmp_path / "metrics.md").read_text()
+  assert markdown.startswith("> **GROUND-TRUTH BOXES** (annotations (ground-truth boxes))")
+  assert "checkpoint /runs/x/checkpoints/3, step 3" in markdown and report["table"] == markdown
+
+
+def test_predictions_without_sidecar_say_their_making_is_unknown(tmp_path, data_dir):
+  path = tmp_path / "predictions.jsonl"
+  _write(path, data_dir, "synthetic_grefcoco", splits=("val",))
+  _score(path, data_dir, "synthetic_grefcoco", splits=("val",))
+  made_with = json.loads((tmp_path / "metrics.json").read_text())["made_with"]
+  assert made_with["box_source"] == "unknown (no predictions.meta.json beside the predictions)"
+  assert (made_with["sentence_mode"], made_with["iou_resolution"], made_with["step"]) == ("per_sentence",
+                                                                                          "original", None)
+  assert (tmp_path / "metrics.md").read_text().startswith("Made with: boxes unknown (no predictions.meta.json")
+
+
+def test_merged_sentence_mode_is_refused_clearly(tmp_path, data_dir):
+  path = tmp_path / "predictions.jsonl"
+  _write(path, data_dir, "synthetic_grefcoco", splits=("val",))
+  with pytest.raises(provenance.ProvenanceError, match="sentence_mode 'merged' .* is not implemented"):
+    _score(path, data_dir, "synthetic_grefcoco", splits=("val",), sentence_mode="merged")
+  config = synthetic_config.get_config("val")
+  config.predictions, config.data_dir, config.sentence_mode = str(path), data_dir, "merged"
+  with pytest.raises(provenance.ProvenanceError, match="use sentence_mode='per_sentence'"):
+    scoring.score_from_config(config)
+
+
+def test_invalid_lines_are_counted_and_scored_empty(tmp_path, data_dir):
+  path = tmp_path / "predictions.jsonl"
+  samples = _samples(data_dir, "synthetic_grefcoco", "val")
+  targeted = [i for i, (_, ref, _) in enumerate(samples) if ref["ann_ids"]]
+  flagged = set(targeted[:2])
+  P.write_predictions(str(path), [
+      P.Prediction.from_mask("synthetic", "val", ref["ref_id"], sentence["sent_id"],
+                             records.ground_truth_mask(record, ref), invalid=i in flagged)
+      for i, (record, ref, sentence) in enumerate(samples)])
+  report = _score(path, data_dir, "synthetic_grefcoco", evaluator="grefcoco", splits=("val",))
+  assert report["splits"]["val"]["invalid"] == 2
+  assert report["splits"]["val"]["metrics"]["T-acc"] == pytest.approx(100.0 * (len(targeted) - 2) / len(targeted))
+  assert "| split | cIoU | gIoU | N-acc | T-acc | invalid answers |" in report["table"]
+  assert "| 2 |" in report["table"]
+
+
+class WordTokenizer:
+  """decode: ids → words of WORDS; id 0 ends the answer."""
+  eos_id = 0
+  WORDS = ["</s>", "Sorry,", "there", "is", "no", "such", "target", "in", "this", "image.", "banana", "[SEG]"]
+
+  def decode(self, ids):
+    return " ".join(self.WORDS[i] for i in ids)
+
+
+NO_TARGET_IDS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]  # "Sorry, there is no such target in this image." </s>
+GARBAGE_IDS = [10, 10, 10, 0, 0, 0, 0, 0, 0, 0]
+SEG_IDS = [11, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+
+
+def test_evaluator_counts_invalid_answers_and_writes_how_it_was_made(tmp_path, data_dir):
+  split, source = _eval_split(data_dir, "val")
+  oracle = _oracle(source)
+  no_target = [i for i in range(len(source)) if not source.sample(i)["ref"]["ann_ids"]]
+  assert len(no_target) >= 2
+  garbage = {no_target[0]}  # one no-target sample answers garbage, the others the no-target answer
+  expected_invalid = len(garbage)
+
+  def predict_fn(params, batch):
+    outputs = oracle(params, batch)
+    tokens = []
+    for i, seg in zip(batch["sample_index"], outputs["has_seg"]):
+      tokens.append(SEG_IDS if seg else GARBAGE_IDS if i in garbage else NO_TARGET_IDS)
+    return {**outputs, "tokens": np.asarray(tokens, np.int32)}
+
+  parser = answers.AnswerParser(WordTokenizer(), ("Sorry, there is no such target in this image.",
+                                                  "There is no {phrase} in this image."))
+  made_with = provenance.MadeWith(box_source="none (no boxes)", ground_truth_boxes=False,
+                                  checkpoint="/run/checkpoints/6", step=6)
+  evaluator = evaluators.EVALUATORS.lookup("grefcoco")(
+      predict_fn, [split], dataset="synthetic", output_dir=str(tmp_path), process_index=0, process_count=1,
+      made_with=made_with, answer_parser=parser)
+  results = dict(evaluator.run("params"))
+  assert results["val/invalid"] == expected_invalid
+  assert results["val/N-acc"] == 100.0  # invalid answers are scored as empty masks
+  report = json.loads((tmp_path / "metrics.json").read_text())
+  assert report["splits"]["val"]["answers"] == {"target": len(source) - len(no_target),
+                                                "no-target": len(no_target) - expected_invalid,
+                                                "invalid": expected_invalid}
+  assert report["made_with"] == made_with.to_json() and "warning" not in report["made_with"]
+  assert provenance.read_sidecar(str(tmp_path / "predictions.jsonl")) == made_with
+  markdown = (tmp_path / "metrics.md").read_text()
+  assert markdown.startswith("Made with: boxes none (no boxes); one sample per sentence; IoU at the original image "
+                             "resolution; checkpoint /run/checkpoints/6, step 6.")
+  lines = P.read_predictions(str(tmp_path / "predictions.jsonl"))
+  assert sum(bool(p.invalid) for p in lines) == expected_invalid and all(p.invalid is not None for p in lines)
+  # Offline re-scoring reads the same provenance and the same count back.
+  rescored = _score(tmp_path / "predictions.jsonl", data_dir, "synthetic_grefcoco", evaluator="grefcoco",
+                    splits=("val",), output_dir=str(tmp_path / "rescored"))
+  assert rescored["splits"]["val"]["invalid"] == expected_invalid
+  assert rescored["made_with"] == made_with.to_json()
+
+
+def test_answer_parser_definition():
+  parser = answers.AnswerParser(WordTokenizer(), ("Sorry, there is no such target in this image.",
+                                                  "There is no {phrase} in this image."))
+  assert parser.kind("It is [SEG].", True, "the cat") == answers.TARGET
+  assert parser.kind("sorry,  there is no such TARGET in this image.", False, "x") == answers.NO_TARGET
+  assert parser.kind("There is no the red robot in this image.", False, " the red robot ") == answers.NO_TARGET
+  assert parser.kind("There is no the red robot in this image.", False, "the blue robot") == answers.INVALID
+  assert parser.kind("Sorry, there is no such target", False, "x") == answers.INVALID  # cut by the token limit
+  assert parser.kind("It is [SEG].", False, "x") == answers.INVALID  # text reading [SEG] is not the token
+  assert parser.text(np.asarray(NO_TARGET_IDS)) == "Sorry, there is no such target in this image."

@@ -95,3 +95,54 @@ def test_check_vocab_fits_names_both_sizes(toy_model):
 def test_missing_model_file_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="nowhere.model"):
     tokenizer_lib.Tokenizer(str(tmp_path / "nowhere.model"))
+
+
+def test_special_ids_come_from_the_vocabulary_not_from_tokenising(toy_model):
+  tok = tokenizer_lib.Tokenizer(toy_model)
+  raw = spm.SentencePieceProcessor(model_file=toy_model)
+  for token in tokenizer_lib.SPECIAL_TOKENS:
+    assert tok.special_id(token) == raw.piece_to_id(token) == tok.special_ids[token]
+    assert raw.id_to_piece(tok.special_id(token)) == token
+  # Tokenising the bare string may add a word-boundary piece in front (LISA issue #55); the lookup never does.
+  seg = tok.special_id("[SEG]")
+  assert raw.encode("[SEG]")[-1] == seg and tok.encode("It is [SEG].").count(seg) == 1
+  with pytest.raises(ValueError, match=r"'<mask>' is not a special token .*expected one of"):
+    tok.special_id("<mask>")
+
+
+def _with_ids(path, **ids):
+  tok = tokenizer_lib.Tokenizer(path)
+  tok.special_ids = dict(tok.special_ids, **ids)
+  return tok
+
+
+def test_each_special_token_must_be_one_id_of_its_own(toy_model, base_model):
+  # Appended ids (a LLaMA-like model): no two tokens share one, none takes BOS/EOS/pad, all fit the vocab.
+  base = tokenizer_lib.Tokenizer(base_model)
+  with pytest.raises(ValueError, match=r"special tokens share ids \{\d+: \['<obj>', '<part>'\]\}"):
+    _with_ids(base_model, **{"<part>": base.special_ids["<obj>"]})._check_special_ids()
+  with pytest.raises(ValueError, match=r"take the ids of \{'EOS': \['\[SEG\]'\]\}"):
+    _with_ids(base_model, **{"[SEG]": base.eos_id})._check_special_ids()
+  with pytest.raises(ValueError, match=r"'\[SEG\]' resolves to \d+, expected one id in \[0, \d+\)"):
+    _with_ids(base_model, **{"[SEG]": base.vocab_size})._check_special_ids()
+  # In the model: the id's piece must be the token itself.
+  toy = tokenizer_lib.Tokenizer(toy_model)
+  for other in (toy.special_ids["<obj>"], toy.eos_id):
+    with pytest.raises(ValueError, match=r"'\[SEG\]' resolves to id \d+, whose piece is '(<obj>|</s>)'"):
+      _with_ids(toy_model, **{"[SEG]": other})._check_special_ids()
+
+
+def test_added_tokens_json_ids_are_checked_to_be_one_each(base_model, tmp_path):
+  import json
+  import shutil
+
+  shutil.copy(base_model, tmp_path / "tokenizer.model")
+  base = spm.SentencePieceProcessor(model_file=base_model).get_piece_size()
+  added = {"<im_patch>": base, "<im_start>": base + 1, "<im_end>": base + 2, "[SEG]": base + 3}
+  (tmp_path / "added_tokens.json").write_text(json.dumps(added))
+  tok = tokenizer_lib.Tokenizer(str(tmp_path / "tokenizer.model"))
+  assert tok.special_id("[SEG]") == base + 3 and tok.special_id("<image>") == base
+  (tmp_path / "added_tokens.json").write_text(json.dumps(dict(added, **{"[SEG]": base + 2})))
+  with pytest.raises(ValueError, match=r"added_tokens.json': special tokens share ids \{\d+: \['<im_end>', "
+                                       r"'\[SEG\]'\]\}"):
+    tokenizer_lib.Tokenizer(str(tmp_path / "tokenizer.model"))

@@ -4,6 +4,12 @@ Every benchmark file (refcoco.py, grefcoco.py, ...) calls `eval_config`; its `ar
 
     python scripts/eval.py --config configs/eval/refcoco.py:val --config.predictions=FILE --config.data_dir=DIR
     python scripts/eval.py --config configs/eval/refcoco.py:val,testA ...
+
+Box source (docs/evaluation.md "Boxes"): with a checkpoint, the model reads object and part boxes from
+`proposals` (a section of configs/common.py `proposals_config`), attached when the split is prepared. The default
+is `none` (no boxes: a number is never made with boxes nobody chose); `detections` reads a detector's COCO results
+files, `sam` runs SAM's automatic mask generation. Ground-truth boxes (`annotations`) are refused unless
+`allow_gt_boxes=True`, and then every metrics file says "ground-truth boxes".
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import ml_collections
+
+from configs import common
 
 
 def select_splits(arg: str | None, splits: Sequence[str], benchmark: str) -> list[str]:
@@ -40,4 +48,7 @@ def eval_config(*, evaluator: str, dataset: str, reader: str, splits: Sequence[s
   c.checkpoint = ""         # a model checkpoint to run instead of reading predictions (model-in-the-loop mode)
   c.batch_size = 8          # global eval batch size in checkpoint mode
   c.allow_missing = False   # True: score missing samples as empty predictions instead of failing
+  c.proposals = common.proposals_config("none")  # the boxes the model reads in checkpoint mode
+  c.allow_gt_boxes = False  # True: allow a ground-truth source (proposals.source='annotations'), labelled as such
+  c.sentence_mode = "per_sentence"  # one sample per (ref, sentence); 'merged' is refused (docs/evaluation.md)
   return c

@@ -180,13 +180,18 @@ def canvas_boxes(boxes: np.ndarray, height: int, width: int, size: int, max_boxe
   return padded, mask
 
 
-def _padded_canvas_boxes(boxes: np.ndarray | None, height: int, width: int, size: int,
-                         max_boxes: int) -> tuple[np.ndarray, np.ndarray]:
-  """Original-pixel boxes [K, 4] (or None) → canvas boxes [max_boxes, 4] and their mask [max_boxes]; the pipeline's
-  choice when there are too many (larger first, `select_boxes`)."""
+def kept_boxes(boxes: np.ndarray | None, max_boxes: int) -> np.ndarray:
+  """The boxes [K <= max_boxes, 4] the model reads of `boxes` (or None) on a raw image: all when they fit, else the
+  larger first (`select_boxes` with no known targets)."""
   boxes = np.zeros((0, 4), np.float32) if boxes is None else np.asarray(boxes, np.float32).reshape(-1, 4)
   kept, _ = select_boxes(boxes, np.zeros((len(boxes),), bool), max_boxes)
-  return canvas_boxes(kept, height, width, size, max_boxes)
+  return kept
+
+
+def _padded_canvas_boxes(boxes: np.ndarray | None, height: int, width: int, size: int,
+                         max_boxes: int) -> tuple[np.ndarray, np.ndarray]:
+  """Original-pixel boxes [K, 4] (or None) → canvas boxes [max_boxes, 4] and their mask [max_boxes] (`kept_boxes`)."""
+  return canvas_boxes(kept_boxes(boxes, max_boxes), height, width, size, max_boxes)
 
 
 def prompt_batch(layout: Layout, tokenizer: tokenizer_lib.Tokenizer, instruction_template: str,

@@ -308,6 +308,17 @@ def _image_id_from_name(img_name: str, where: str) -> int:
   return int(match.group(1))
 
 
+def segment_annotation_and_ref(entry: dict, mask: np.ndarray, split: str) -> tuple[dict, dict]:
+  """A CRIS-style entry (segment_id, category, granularity, bbox, sentences) and its mask [h, w] → the record's
+  annotation and ref; the segment_id is both ids."""
+  rle = _rle_to_record(mask_utils.encode(np.asfortranarray(mask.astype(np.uint8))))
+  annotation = {"ann_id": entry["segment_id"], "category": entry["category"], "granularity": entry["granularity"],
+                "bbox": entry["bbox"], "rle": rle}
+  ref = {"ref_id": entry["segment_id"], "split": split, "ann_ids": [entry["segment_id"]],
+         "granularity": entry["granularity"], "sentences": entry["sentences"]}
+  return annotation, ref
+
+
 def read_cris(data_dir: str, split: str, *, name: str = "refcocom", image_dir: str | None = None,
               dataset: str | None = None, part_categories: Sequence[str] = (), skip_bad: bool = False,
               bad: BadEntries | None = None, shard: tuple[int, int] | None = None) -> Iterator[dict]:
@@ -359,11 +370,9 @@ def read_cris(data_dir: str, split: str, *, name: str = "refcocom", image_dir: s
         except MalformedEntryError as error:
           bad.handle(error, skip_bad)
           continue
-        rle = _rle_to_record(mask_utils.encode(np.asfortranarray(mask.astype(np.uint8))))
-        annotations.append({"ann_id": entry["segment_id"], "category": entry["category"],
-                            "granularity": entry["granularity"], "bbox": entry["bbox"], "rle": rle})
-        refs.append({"ref_id": entry["segment_id"], "split": split, "ann_ids": [entry["segment_id"]],
-                     "granularity": entry["granularity"], "sentences": entry["sentences"]})
+        annotation, ref = segment_annotation_and_ref(entry, mask, split)
+        annotations.append(annotation)
+        refs.append(ref)
       if not refs:
         return None
       return {"dataset": dataset or name, "image_id": image_id, "file_name": img_name, "height": height,
@@ -450,9 +459,25 @@ _register("refcoco", read_refer, _refer_sources, dataset="refcoco", split_by="un
 _register("refcoco+", read_refer, _refer_sources, dataset="refcoco+", split_by="unc")
 _register("refcocog", read_refer, _refer_sources, dataset="refcocog", split_by="umd")
 _register("grefcoco", read_grefcoco, _grefcoco_sources, dataset="grefcoco", split_by="unc")
-_register("refcocom", read_cris, _cris_sources, dataset="refcocom", name="refcocom")
+_register("refcocom_cris", read_cris, _cris_sources, dataset="refcocom", name="refcocom")
 _register("cris", read_cris, _cris_sources)
 _register("mres32m", read_mres, _mres_sources, dataset="mres32m")
+
+
+def _read_refcocom_release(data_dir, split, **options):
+  from unires_jax.data import refcocom  # imported late: refcocom builds on this module
+
+  return refcocom.read_refcocom(data_dir, split, **options)
+
+
+def _refcocom_release_sources(data_dir, split, **options):
+  from unires_jax.data import refcocom
+
+  return refcocom.refcocom_sources(data_dir, split, **options)
+
+
+# RefCOCOm in its released layout (unires_jax/data/refcocom.py); `refcocom_cris` reads the CRIS layout.
+_register("refcocom", _read_refcocom_release, _refcocom_release_sources, dataset="refcocom")
 
 
 def _synthetic(read, sources, subdir: str, **defaults):

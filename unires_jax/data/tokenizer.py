@@ -7,7 +7,11 @@ text is split on them before SentencePiece sees it. Either way `encode` maps eac
 A Hugging Face tokenizer folder may hold `added_tokens.json` beside `tokenizer.model` (LISA's: `<im_patch>` 32000,
 `<im_start>` 32001, `<im_end>` 32002, `[SEG]` 32003). When it names any of the special tokens (LLaVA's
 `<im_patch>` standing for `<image>`), the ids come from that file and only the tokens it names exist: asking for
-another (`special_ids['<obj>']`) fails naming the file. Ids are never found by tokenising the token's text.
+another (`special_ids['<obj>']`) fails naming the file.
+
+Special-token ids are resolved by vocabulary lookup (`piece_to_id`, `added_tokens.json`, or their appended
+position), never by tokenising the string: SentencePiece may put a `▁` piece before a symbol it tokenises. Each
+token is checked to be exactly one id of its own, and `special_id(token)` is the one way code asks for an id.
 """
 
 from __future__ import annotations
@@ -93,8 +97,40 @@ class Tokenizer:
     else:
       self.special_ids = {token: self.base_vocab_size + k for k, token in enumerate(SPECIAL_TOKENS)}
     self._special_by_id = {i: token for token, i in self.special_ids.items()}
+    self._check_special_ids()
     present = [t for t in SPECIAL_TOKENS if t in self.special_ids]
     self._special_pattern = re.compile("(" + "|".join(re.escape(t) for t in present) + ")")
+
+  def _check_special_ids(self) -> None:
+    """Each special token is exactly one id: its own piece (in the model) or its appended slot, shared with no
+    other special token nor with BOS/EOS/pad."""
+    where = f"SentencePiece model {self.model_path!r}" + (f" with {self.added_tokens_path!r}"
+                                                          if self.added_tokens_path else "")
+    for token, token_id in self.special_ids.items():
+      if not isinstance(token_id, int) or not 0 <= token_id < self.vocab_size:
+        raise ValueError(f"{where}: special token {token!r} resolves to {token_id!r}, expected one id in "
+                         f"[0, {self.vocab_size})")
+      if self.specials_in_model and self._sp.id_to_piece(token_id) != token:
+        raise ValueError(f"{where}: special token {token!r} resolves to id {token_id}, whose piece is "
+                         f"{self._sp.id_to_piece(token_id)!r}; expected the token itself as one piece")
+    by_id: dict[int, list[str]] = {}
+    for token, token_id in self.special_ids.items():
+      by_id.setdefault(token_id, []).append(token)
+    shared = {i: tokens for i, tokens in by_id.items() if len(tokens) > 1}
+    if shared:
+      raise ValueError(f"{where}: special tokens share ids {shared}; expected one id per token")
+    reserved = {"BOS": self.bos_id, "EOS": self.eos_id, "pad": self.pad_id}
+    clashes = {name: by_id[i] for name, i in reserved.items() if i in by_id}
+    if clashes:
+      raise ValueError(f"{where}: special tokens take the ids of {clashes}; expected ids of their own")
+
+  def special_id(self, token: str) -> int:
+    """The single id of a special token (SPECIAL_TOKENS), by vocabulary lookup; a token an added_tokens.json
+    lacks fails naming that file."""
+    if token not in SPECIAL_TOKENS:
+      raise ValueError(f"{token!r} is not a special token of {self.model_path!r}; expected one of "
+                       f"{SPECIAL_TOKENS}")
+    return self.special_ids[token]
 
   @property
   def vocab_size(self) -> int:

@@ -3,8 +3,11 @@
 One class per benchmark family, registered by name in `EVALUATORS` (big_vision style): `refcoco` (RefCOCO/+/g:
 cIoU, mIoU, Pr@X), `grefcoco` (cIoU, gIoU, N-acc, T-acc), `refcocom` (Part mIoU, Obj&Part mIoU, cIoU) and
 `synthetic` (all of them). `Evaluator(predict_fn, splits, dataset=...)`; `run(params)` yields
-`(f"{split}/{metric}", value)` pairs and, given an output dir, writes predictions.jsonl, metrics.json and
-metrics.md. The same family classes pick the reported metrics for offline scoring (`unires_jax.eval.scoring`).
+`(f"{split}/{metric}", value)` pairs and, given an output dir, writes predictions.jsonl (with its provenance
+sidecar), metrics.json and metrics.md, each saying how the numbers were made (`provenance.MadeWith`). With an
+`answer_parser` the generated answers are classified (`unires_jax.eval.answers`): invalid ones are scored as empty
+masks and counted. The same family classes pick the reported metrics and tables for offline scoring
+(`unires_jax.eval.scoring`).
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequenc
 import numpy as np
 
 from unires_jax.data import records as records_lib
+from unires_jax.data import refcocom as refcocom_lib
 from unires_jax.data import transforms
+from unires_jax.eval import answers as answers_lib
 from unires_jax.eval import metrics as metrics_lib
 from unires_jax.eval import predictions as predictions_lib
+from unires_jax.eval import provenance
 from unires_jax.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -70,27 +76,33 @@ def _format_keys(keys: Sequence[tuple[int, int]], limit: int = 5) -> str:
   return shown + (f", ... {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def markdown_table(results: Mapping[str, Mapping[str, float]], names: Sequence[str], title: str) -> str:
-  """A Markdown table: one row per split, one column per metric name (values ×100, 2 decimals)."""
-  lines = [f"### {title}", "", "| split | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+def markdown_table(results: Mapping[str, Mapping[str, float]], names: Sequence[str], title: str,
+                   invalid: Mapping[str, int] | None = None, row_name: str = "split") -> str:
+  """A Markdown table: one row per split, one column per metric name (values ×100, 2 decimals); with `invalid`,
+  a last column of unparsable answers per split."""
+  header = list(names) + (["invalid answers"] if invalid is not None else [])
+  lines = [f"### {title}", "", f"| {row_name} | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
   for split, values in results.items():
     cells = [metrics_lib.format_value(values.get(name, math.nan)) for name in names]
+    if invalid is not None:
+      cells.append(str(invalid[split]) if split in invalid else "n/a")
     lines.append(f"| {split} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
+
+
+def clean_json(value):
+  """NaN → None inside nested dicts, so metrics.json stays standard JSON."""
+  if isinstance(value, dict):
+    return {k: clean_json(v) for k, v in value.items()}
+  if isinstance(value, float) and math.isnan(value):
+    return None
+  return value
 
 
 def write_report(output_dir: str, report: dict, table: str) -> None:
   """metrics.json (NaN written as null) and metrics.md under `output_dir`."""
   os.makedirs(output_dir, exist_ok=True)
-
-  def clean(value):
-    if isinstance(value, dict):
-      return {k: clean(v) for k, v in value.items()}
-    if isinstance(value, float) and math.isnan(value):
-      return None
-    return value
-
-  for name, text in (("metrics.json", json.dumps(clean(report), indent=2, allow_nan=False) + "\n"),
+  for name, text in (("metrics.json", json.dumps(clean_json(report), indent=2, allow_nan=False) + "\n"),
                      ("metrics.md", table)):
     path = os.path.join(output_dir, name)
     temp = f"{path}.tmp-{os.getpid()}"
@@ -113,7 +125,9 @@ class Evaluator:
 
   def __init__(self, predict_fn: PredictFn, splits: Sequence[EvalSplit], *, dataset: str,
                output_dir: str | None = None, allow_missing: bool = False, process_index: int | None = None,
-               process_count: int | None = None, allgather: Callable | None = None):
+               process_count: int | None = None, allgather: Callable | None = None,
+               made_with: provenance.MadeWith | None = None,
+               answer_parser: answers_lib.AnswerParser | None = None):
     if not splits:
       raise ValueError(f"{type(self).__name__}: expected at least one split to evaluate")
     self.predict_fn = predict_fn
@@ -121,6 +135,8 @@ class Evaluator:
     self.dataset = dataset
     self.output_dir = output_dir
     self.allow_missing = allow_missing
+    self.made_with = made_with or provenance.MadeWith.unknown("the evaluator was not told")
+    self.answer_parser = answer_parser
     if process_index is None or process_count is None:
       import jax
       process_index, process_count = jax.process_index(), jax.process_count()
@@ -140,6 +156,30 @@ class Evaluator:
     result = metrics.result()
     return {name: result.get(key, math.nan) for name, key in cls.METRICS}
 
+  @classmethod
+  def paper_table(cls, results: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]] | None:
+    """The benchmark's published table built from per-split results, when it differs from them (RefCOCOm)."""
+    del results
+    return None
+
+  @classmethod
+  def markdown(cls, results: Mapping[str, Mapping[str, float]], dataset: str,
+               invalid: Mapping[str, int] | None = None) -> str:
+    """metrics.md's tables (after the provenance header)."""
+    return markdown_table(results, cls.metric_names(), f"{cls.TITLE}: {dataset}", invalid)
+
+  @classmethod
+  def report(cls, dataset: str, evaluator: str, made_with: provenance.MadeWith,
+             results: Mapping[str, Mapping[str, float]], splits: Mapping[str, dict],
+             invalid: Mapping[str, int] | None = None, **fields) -> tuple[dict, str]:
+    """(metrics.json content, metrics.md text) of a scored benchmark; both say how it was made."""
+    report = {"dataset": dataset, "evaluator": evaluator, "made_with": made_with.to_json(), **fields}
+    table = cls.paper_table(results)
+    if table is not None:
+      report["paper_table"] = table
+    report["splits"] = dict(splits)
+    return report, made_with.markdown() + cls.markdown(results, dataset, invalid)
+
   # ---- the loop -----------------------------------------------------------------------------------------------
 
   def _predictions_path(self) -> str | None:
@@ -150,10 +190,23 @@ class Evaluator:
     return os.path.join(self.output_dir,
                         f"predictions.process-{self.process_index:05d}-of-{self.process_count:05d}.jsonl")
 
+  def _answer_kinds(self, outputs: Mapping[str, Any], has_seg: np.ndarray, rows: Sequence[int],
+                    phrases: Sequence[str]) -> dict[int, str]:
+    """{row: answers.KINDS entry} for the given rows, when the evaluator parses answers; else {}."""
+    if self.answer_parser is None:
+      return {}
+    if "tokens" not in outputs:
+      raise ValueError("predict_fn returned no 'tokens': the evaluator's answer_parser needs the generated ids")
+    tokens = np.asarray(outputs["tokens"])  # [B, T]
+    kinds = self.answer_parser.kinds(tokens[list(rows)], has_seg[list(rows)], phrases)
+    return dict(zip(rows, kinds))
+
   def _evaluate_split(self, params, split: EvalSplit, writer: predictions_lib.PredictionsWriter | None
-                      ) -> tuple[metrics_lib.RESMetrics, dict]:
+                      ) -> tuple[metrics_lib.RESMetrics, dict, np.ndarray]:
+    """This process's metrics, the split's coverage, and answer counts [len(answers.KINDS)] of this process."""
     metrics = metrics_lib.RESMetrics()
     seen = np.zeros((len(split.source),), np.uint32)  # [num_samples] how often each sample was scored here
+    answer_counts = np.zeros((len(answers_lib.KINDS),), np.int64)  # [3] target, no-target, invalid
     cached_ref, cached_gt = None, None
     for batch in split.batches():
       sample_indices = np.asarray(batch["sample_index"]).reshape(-1)  # [B]
@@ -165,10 +218,11 @@ class Evaluator:
       if mask_logits.shape[0] != sample_indices.shape[0] or has_seg.shape[0] != sample_indices.shape[0]:
         raise ValueError(f"split {split.name}: predict_fn returned mask_logits {mask_logits.shape} and has_seg "
                          f"{has_seg.shape} for a batch of {sample_indices.shape[0]} rows")
-      for row, sample_index in enumerate(sample_indices):
-        if sample_index < 0:
-          continue
-        sample = split.source.sample(int(sample_index))
+      rows = [row for row, sample_index in enumerate(sample_indices) if sample_index >= 0]
+      samples = {row: split.source.sample(int(sample_indices[row])) for row in rows}
+      kinds = self._answer_kinds(outputs, has_seg, rows, [samples[row]["sentence"]["sent"] for row in rows])
+      for row in rows:
+        sample_index, sample = sample_indices[row], samples[row]
         record, ref, ids = sample["record"], sample["ref"], sample["ids"]
         height, width = int(record["height"]), int(record["width"])
         if has_seg[row]:
@@ -180,10 +234,15 @@ class Evaluator:
           cached_ref, cached_gt = ref_key, records_lib.ground_truth_mask(record, ref)
         metrics.update(pred, cached_gt, has_target=bool(ref["ann_ids"]), granularity=ref["granularity"])
         seen[sample_index] += 1
+        invalid = None
+        if row in kinds:
+          answer_counts[answers_lib.KINDS.index(kinds[row])] += 1
+          invalid = kinds[row] == answers_lib.INVALID
         if writer is not None:
           writer.write(predictions_lib.Prediction.from_mask(
-              self.dataset, split.name, ids["ref_id"], ids["sent_id"], pred, no_target=not has_seg[row]))
-    return metrics, self._check_coverage(split, seen, metrics, writer)
+              self.dataset, split.name, ids["ref_id"], ids["sent_id"], pred, no_target=not has_seg[row],
+              invalid=invalid))
+    return metrics, self._check_coverage(split, seen, metrics, writer), answer_counts
 
   def _check_coverage(self, split: EvalSplit, seen: np.ndarray, metrics: metrics_lib.RESMetrics,
                       writer: predictions_lib.PredictionsWriter | None) -> dict:
@@ -220,18 +279,25 @@ class Evaluator:
     """Yields `(f"{split}/{metric}", value)` per split; writes the output files after the last split."""
     path = self._predictions_path()
     writer = predictions_lib.PredictionsWriter(path) if path else None
-    report = {"dataset": self.dataset, "evaluator": type(self).__name__, "splits": {}}
+    split_reports, invalid = {}, ({} if self.answer_parser is not None else None)
     self.results = {}
     try:
       for split in self.splits:
-        local, coverage = self._evaluate_split(params, split, writer)
+        local, coverage, answer_counts = self._evaluate_split(params, split, writer)
         metrics = metrics_lib.allreduce(local, allgather=self.allgather, process_count=self.process_count)
+        if self.process_count > 1:
+          answer_counts = np.asarray(self.allgather(answer_counts), np.int64).sum(0)  # [3]
         summary = self.summarize(metrics)
         self.results[split.name] = summary
-        report["splits"][split.name] = {"metrics": summary, "all_metrics": metrics.result(),
-                                        "counts": metrics.sample_counts(), "coverage": coverage}
+        split_reports[split.name] = {"metrics": summary, "all_metrics": metrics.result(),
+                                     "counts": metrics.sample_counts(), "coverage": coverage}
+        if invalid is not None:
+          split_reports[split.name]["answers"] = dict(zip(answers_lib.KINDS, (int(n) for n in answer_counts)))
+          invalid[split.name] = int(answer_counts[answers_lib.KINDS.index(answers_lib.INVALID)])
         for name, value in summary.items():
           yield f"{split.name}/{name}", value
+        if invalid is not None:
+          yield f"{split.name}/invalid", float(invalid[split.name])
     except BaseException:
       if writer is not None:
         writer.abort()
@@ -244,7 +310,9 @@ class Evaluator:
     if self.output_dir is not None and self.process_index == 0:
       if self.process_count > 1:
         self._merge_process_predictions()
-      table = markdown_table(self.results, self.metric_names(), f"{self.TITLE}: {self.dataset}")
+      provenance.write_sidecar(os.path.join(self.output_dir, "predictions.jsonl"), self.made_with)
+      report, table = self.report(self.dataset, type(self).__name__, self.made_with, self.results, split_reports,
+                                  invalid)
       write_report(self.output_dir, report, table)
 
   def _merge_process_predictions(self) -> None:
@@ -275,9 +343,35 @@ class GRefCOCOEvaluator(Evaluator):
 
 @EVALUATORS.register("refcocom")
 class RefCOCOmEvaluator(Evaluator):
-  """RefCOCOm (MRES): mIoU over part references, mIoU over all (object and part) references, and cIoU."""
+  """RefCOCOm (MRES): per split mIoU over part references, over all references, and cIoU; on the release's split
+  files (`unires_jax.data.refcocom`) also the paper's table: Part = mIoU of `<split>_part_only`, Obj&Part = mIoU
+  of `<split>_object_part`."""
   TITLE = "RefCOCOm MRES"
   METRICS = (("mIoU/part", "mIoU/part"), ("mIoU/obj&part", "mIoU"), ("cIoU", "cIoU"))
+  COLUMNS = tuple(refcocom_lib.RELEASE_SETS.values())  # ('Part', 'Obj&Part')
+
+  @classmethod
+  def paper_table(cls, results):
+    release = {name: refcocom_lib.parse_release_split(name) for name in results
+               if name in refcocom_lib.RELEASE_SPLITS}
+    if not release:
+      return None
+    table = {split: {column: math.nan for column in cls.COLUMNS} for split in refcocom_lib.BENCHMARK_SPLITS
+             if any(benchmark == split for benchmark, _ in release.values())}
+    for name, (split, column) in release.items():
+      table[split][column] = results[name]["mIoU/obj&part"]  # the mIoU over every reference of the file
+    return table
+
+  @classmethod
+  def markdown(cls, results, dataset, invalid=None):
+    details = super().markdown(results, dataset, invalid)
+    table = cls.paper_table(results)
+    if table is None:
+      return details
+    paper = markdown_table(table, cls.COLUMNS, f"RefCOCOm mIoU as in the paper: {dataset}", row_name="split")
+    note = ("Part: mIoU over `<split>_part_only`; Obj&Part: mIoU over `<split>_object_part` (the release's "
+            "files).\n\n")
+    return paper + "\n" + note + details
 
 
 @EVALUATORS.register("synthetic")

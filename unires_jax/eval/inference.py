@@ -13,7 +13,7 @@ mode of `scripts/eval.py` (`write_predictions`: a checkpoint run over a benchmar
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
 from typing import Any, Callable, Mapping, Sequence
@@ -23,11 +23,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from unires_jax import proposals as proposals_lib
 from unires_jax import sharding
 from unires_jax.data import pipeline, prompts
-from unires_jax.data import records as records_lib
 from unires_jax.data import tokenizer as tokenizer_lib
 from unires_jax.data import transforms
+from unires_jax.eval import provenance
 from unires_jax.models.llm import Llama, init_cache, with_decode_layers
 from unires_jax.models.unires import DTYPES, UniRES
 
@@ -165,11 +166,27 @@ def masks_to_original(outputs: Mapping[str, np.ndarray], sizes: Sequence[tuple[i
   return masks
 
 
-def overlay(pixels: np.ndarray, mask: np.ndarray, colour=(255, 0, 0), alpha: float = 0.5) -> np.ndarray:
-  """uint8 [h, w, 3]: the image with the mask tinted in `colour`."""
+BOX_COLOURS = {"object": (255, 200, 0), "part": (0, 200, 255)}  # outlines of object / part proposals
+
+
+def overlay(pixels: np.ndarray, mask: np.ndarray, colour=(255, 0, 0), alpha: float = 0.5,
+            boxes: Mapping[str, Any] | None = None) -> np.ndarray:
+  """uint8 [h, w, 3]: the image with the mask tinted in `colour` and, given `boxes` ({'object': [[x0, y0, x1, y1],
+  ...], 'part': [...]} in pixels), the proposals outlined (objects yellow, parts cyan, 1 px)."""
   out = np.asarray(pixels, np.float32).copy()
   out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(colour, np.float32)
-  return out.round().astype(np.uint8)
+  out = out.round().astype(np.uint8)
+  if boxes:
+    from PIL import Image, ImageDraw
+
+    image = Image.fromarray(out)
+    draw = ImageDraw.Draw(image)
+    for kind, kind_colour in BOX_COLOURS.items():
+      for x0, y0, x1, y1 in np.asarray(boxes.get(kind, []), np.float32).reshape(-1, 4):
+        draw.rectangle([float(x0), float(y0), max(float(x0), float(x1) - 1), max(float(y0), float(y1) - 1)],
+                       outline=kind_colour)
+    out = np.asarray(image)
+  return out
 
 
 # --------------------------------------------------------------------------------- a checkpoint on a mesh
@@ -193,41 +210,44 @@ def place_params(model: UniRES, model_cfg: ml_collections.ConfigDict, params: An
   return jax.tree.map(lambda value, target: jax.device_put(np.asarray(value), target), params, shardings)
 
 
-def _prepare_splits(config: ml_collections.ConfigDict, cache_dir: str) -> dict[str, str]:
-  """{split: prepared split dir}: the benchmark read through its reader and written as records under `cache_dir`;
-  a split already prepared from the same reader, data_dir and options is reused."""
+def _prepare_splits(config: ml_collections.ConfigDict, cache_dir: str,
+                    source: proposals_lib.ProposalSource) -> dict[str, str]:
+  """{split: prepared split dir}: the benchmark read through its reader, the source's proposals attached, written
+  as records under `cache_dir`; a split already prepared from the same reader, data_dir, options and source is
+  reused."""
   from unires_jax.data import readers
+  from unires_jax.eval import box_source
 
   read = readers.DATASETS.lookup(config.reader)
   options = {k: v for k, v in config.reader_options.to_dict().items() if v not in ("", None)}
-  source = {"reader": config.reader, "data_dir": os.path.abspath(config.data_dir), "options": options}
-  split_dirs = {}
-  for split in config.splits:
-    split_dir = os.path.join(cache_dir, split)
-    stamp = os.path.join(split_dir, "prepared_from.json")
-    if os.path.exists(stamp):
-      with open(stamp) as f:
-        if json.load(f) == source:
-          split_dirs[split] = split_dir
-          continue
-    records_lib.write_split(read(config.data_dir, split, **options), split_dir, num_shards=1,
-                            dataset=config.dataset, split=split)
-    with open(stamp, "w") as f:
-      json.dump(source, f)
-    split_dirs[split] = split_dir
-  return split_dirs
+  stamp = {"reader": config.reader, "data_dir": os.path.abspath(config.data_dir), "options": options,
+           **box_source.source_stamp(source, config.proposals)}
+  return {split: box_source.prepare_split(lambda split=split: read(config.data_dir, split, **options), source,
+                                          os.path.join(cache_dir, split), stamp, dataset=config.dataset,
+                                          split=split)
+          for split in config.splits}
 
 
-def write_predictions(config: ml_collections.ConfigDict) -> str:
+@dataclasses.dataclass(frozen=True)
+class WrittenPredictions:
+  """What `write_predictions` wrote: the predictions file, the folder the scores belong in, how it was made."""
+  predictions: str
+  output_dir: str
+  made_with: provenance.MadeWith
+
+
+def write_predictions(config: ml_collections.ConfigDict) -> WrittenPredictions:
   """Model-in-the-loop mode of `scripts/eval.py`: runs `config.checkpoint` over `config.splits` of the benchmark
-  in `config.data_dir` and returns the predictions.jsonl it wrote.
+  in `config.data_dir`; `config` is not changed.
 
   The model, tokenizer and data settings come from the checkpoint's run config; `config.batch_size` is the global
-  eval batch. Under `config.output_dir` (default `<workdir>/eval/step_<N>/<dataset>_<reader>`, filled into the
-  config so the scores land there too): `prepared/<split>/` (records), `generation/predictions.jsonl` and the
-  evaluator's `generation/metrics.json` (scores of the same masks on the prepared records).
+  eval batch; the boxes come from `config.proposals` (ground truth refused unless `config.allow_gt_boxes`), and the
+  pipeline reads only those. Under `config.output_dir` (default `<workdir>/eval/step_<N>/<dataset>_<reader>`):
+  `prepared/<split>/` (records with the attached proposals), `generation/predictions.jsonl` with its sidecar
+  `generation/predictions.meta.json`, and the evaluator's `generation/metrics.json` (scores of the same masks on
+  the prepared records).
   """
-  from unires_jax.eval import checkpoint_io, evaluators, loop
+  from unires_jax.eval import answers, box_source, checkpoint_io, evaluators, loop
   from unires_jax.train import state as state_lib
 
   if not config.checkpoint:
@@ -236,28 +256,28 @@ def write_predictions(config: ml_collections.ConfigDict) -> str:
     raise ValueError("config.data_dir is empty: expected the folder holding the benchmark in its real layout")
   if not os.path.isdir(config.data_dir):
     raise FileNotFoundError(f"config.data_dir {config.data_dir!r} does not exist")
+  source = box_source.eval_source(config.proposals, bool(config.allow_gt_boxes), "eval config")
   loaded = checkpoint_io.load_checkpoint(config.checkpoint)
+  made_with = box_source.made_with(source, config.sentence_mode, os.path.dirname(loaded.item_dir), loaded.step)
   output_dir = config.output_dir or os.path.join(loaded.workdir, "eval", f"step_{loaded.step}",
                                                  f"{config.dataset}_{config.reader}")
-  if not config.output_dir:
-    with config.unlocked():
-      config.output_dir = output_dir
 
-  run_config = loaded.config
-  run_config.data.batch_size = int(config.batch_size)
+  run_config = box_source.eval_run_config(loaded.config, batch_size=int(config.batch_size))
   mesh = sharding.make_mesh(run_config.mesh)
   rules = sharding.rules_from_config(run_config.sharding_rules)
   sharding.check_batch_fits_mesh(int(config.batch_size), mesh, "config.batch_size")
-  split_dirs = _prepare_splits(config, os.path.join(output_dir, "prepared"))
+  split_dirs = _prepare_splits(config, os.path.join(output_dir, "prepared"), source)
 
   model = state_lib.build_model(run_config.model)
   params = place_params(model, run_config.model, loaded.params, mesh, rules)
   predict_fn = loop.make_predict_fn(model, run_config, mesh, rules)
+  tokenizer = tokenizer_lib.Tokenizer(pipeline.resolve_tokenizer(run_config))
   splits = evaluators.make_eval_splits(run_config, split_dirs, batch_size=int(config.batch_size))
   generation_dir = os.path.join(output_dir, "generation")
-  evaluator = evaluators.EVALUATORS.lookup(config.type)(predict_fn, splits, dataset=config.dataset,
-                                                        output_dir=generation_dir,
-                                                        allow_missing=bool(config.allow_missing))
+  evaluator = evaluators.EVALUATORS.lookup(config.type)(
+      predict_fn, splits, dataset=config.dataset, output_dir=generation_dir,
+      allow_missing=bool(config.allow_missing), made_with=made_with,
+      answer_parser=answers.AnswerParser.from_config(run_config, tokenizer))
   for name, value in evaluator.run(params):
-    log.info("%s (step %s) %s: %.4f", config.dataset, loaded.step, name, value)
-  return os.path.join(generation_dir, "predictions.jsonl")
+    log.info("%s (step %s, boxes %s) %s: %.4f", config.dataset, loaded.step, made_with.box_source, name, value)
+  return WrittenPredictions(os.path.join(generation_dir, "predictions.jsonl"), output_dir, made_with)

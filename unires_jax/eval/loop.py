@@ -1,6 +1,8 @@
 """Evaluation with the model in the loop: generation → masks → the registered evaluators; held-out loss; overlays.
 
-Used by the trainer (periodic and final evaluation) and by `scripts/eval.py --config.checkpoint=DIR`.
+Used by the trainer (periodic and final evaluation) and by `scripts/eval.py --config.checkpoint=DIR`. The
+trainer's evaluators read their boxes from `config.eval.proposals` (`none` when unset), attached to copies of the
+eval splits under `workdir/eval/proposals/`; ground-truth boxes need `config.eval.allow_gt_boxes` (box_source.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
@@ -19,7 +22,8 @@ from PIL import Image, ImageDraw
 
 from unires_jax import sharding
 from unires_jax.data import pipeline, records as records_lib, tokenizer as tokenizer_lib
-from unires_jax.eval import evaluators, inference, metrics as metrics_lib, predictions as predictions_lib
+from unires_jax.eval import answers as answers_lib, provenance
+from unires_jax.eval import box_source, evaluators, inference, metrics as metrics_lib, predictions as predictions_lib
 from unires_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -29,7 +33,7 @@ def make_predict_fn(model, config, mesh, rules, params_transform: Callable = lam
   """predict_fn(params, local_batch) → this process's rows of {'mask_logits', 'has_seg', 'tokens'}."""
   tokenizer = tokenizer_lib.Tokenizer(pipeline.resolve_tokenizer(config))
   generate = inference.make_generate_fn(
-      model, seg_id=tokenizer.special_ids[tokenizer_lib.SEG_TOKEN], eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+      model, seg_id=tokenizer.special_id(tokenizer_lib.SEG_TOKEN), eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
       max_new_tokens=int(config.get("eval", {}).get("max_new_tokens", 16)), params_transform=params_transform)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     jitted = jax.jit(generate)
@@ -112,21 +116,45 @@ def write_overlays(split_dir: str, predictions_path: str, out_dir: str, count: i
   return written
 
 
+def trainer_eval_splits(config, workdir: str, step: int
+                        ) -> tuple[dict[str, dict[str, str]], ml_collections.ConfigDict, provenance.MadeWith]:
+  """({eval name: {split: prepared dir with the eval source's proposals}}, the run config the evaluators' pipeline
+  uses (it reads those proposals only), and the provenance of the results); raises before any work when the
+  source gives ground-truth boxes without `config.eval.allow_gt_boxes`."""
+  proposals_config, allow_gt_boxes = box_source.trainer_proposals_config(config)
+  source = box_source.eval_source(proposals_config, allow_gt_boxes, "config.eval.proposals")
+  made_with = box_source.made_with(source, "per_sentence", os.path.join(os.path.abspath(workdir), "checkpoints",
+                                                                        str(step)), step)
+  split_dirs = {}
+  for eval_name, eval_cfg in config.get("evals", {}).items():
+    out_root = os.path.join(workdir, "eval", "proposals", eval_name.replace("/", "_"))
+    split_dirs[eval_name] = box_source.attach_to_prepared(dict(eval_cfg.splits), source, proposals_config, out_root,
+                                                          eval_cfg.dataset)
+  return split_dirs, box_source.eval_run_config(config), made_with
+
+
 def evaluate_during_training(config, model, params, params_transform, mesh, rules, workdir: str, step: int,
                              final: bool = False) -> dict[str, dict]:
   """Held-out loss on `config.eval_splits`; on the final call (or `eval.generate_every_time`) the evaluators of
-  `config.evals` with generation, predictions files, baselines and overlays under `workdir/eval/step_N`."""
+  `config.evals` with generation on `config.eval.proposals` boxes, predictions files, baselines and overlays
+  under `workdir/eval/step_N`."""
   results: dict[str, dict] = {}
   for name, split_dir in config.get("eval_splits", {}).items():
     results[f"heldout/{name}"] = held_out_loss(config, model, params, params_transform, mesh, rules, split_dir)
-  if not (final or config.get("eval", {}).get("generate_every_time", False)):
+  if not (final or config.get("eval", {}).get("generate_every_time", False)) or not config.get("evals", {}):
     return results
-  predict_fn = make_predict_fn(model, config, mesh, rules, params_transform)
+  split_dirs, eval_config, made_with = trainer_eval_splits(config, workdir, step)
+  if jax.process_index() == 0:
+    log.info("evaluation at step %d: %s", step, made_with.markdown().strip())
+  predict_fn = make_predict_fn(model, eval_config, mesh, rules, params_transform)
+  tokenizer = tokenizer_lib.Tokenizer(pipeline.resolve_tokenizer(eval_config))
+  answer_parser = answers_lib.AnswerParser.from_config(eval_config, tokenizer)
   for eval_name, eval_cfg in config.get("evals", {}).items():
     out_dir = os.path.join(workdir, "eval", f"step_{step}", eval_name.replace("/", "_"))
-    splits = evaluators.make_eval_splits(config, dict(eval_cfg.splits))
+    splits = evaluators.make_eval_splits(eval_config, split_dirs[eval_name])
     evaluator = evaluators.EVALUATORS.lookup(eval_cfg.type)(predict_fn, splits, dataset=eval_cfg.dataset,
-                                                            output_dir=out_dir)
+                                                            output_dir=out_dir, made_with=made_with,
+                                                            answer_parser=answer_parser)
     values = dict(evaluator.run(params))
     results[f"eval/{eval_name}"] = values
     if final and jax.process_index() == 0:

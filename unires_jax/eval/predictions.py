@@ -1,9 +1,11 @@
 """predictions.jsonl: one line per (ref_id, sent_id) with its mask as COCO compressed RLE; writer and reader.
 
 A line is `{"dataset", "split", "ref_id", "sent_id", "mask": {"size": [h, w], "counts": "<RLE>"}}` plus an
-optional `"no_target": bool`. Without `no_target` the prediction is "no target" exactly when its mask is empty;
-`"no_target": true` makes the prediction empty whatever the mask holds (a model with a separate no-target
-decision may keep its mask for inspection). Masks are at the original image resolution.
+optional `"no_target": bool` and an optional `"invalid": bool`. Without `no_target` the prediction is "no target"
+exactly when its mask is empty; `"no_target": true` makes the prediction empty whatever the mask holds (a model
+with a separate no-target decision may keep its mask for inspection). `"invalid": true` marks an answer that could
+not be parsed (unires_jax/eval/answers.py): it is scored as an empty mask and counted. Masks are at the original
+image resolution. How the predictions were made lives in a sidecar (`unires_jax/eval/provenance.py`).
 
 Reading validates every line and decodes the RLE string with a bounds check of its own (the run lengths must
 sum to h·w), since pycocotools' decoder writes past its buffer on a malformed string.
@@ -20,7 +22,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 REQUIRED_FIELDS = ("dataset", "split", "ref_id", "sent_id", "mask")
-OPTIONAL_FIELDS = ("no_target",)
+OPTIONAL_FIELDS = ("no_target", "invalid")
 
 
 class PredictionsError(ValueError):
@@ -102,6 +104,7 @@ class Prediction:
   sent_id: int
   mask: dict  # {"size": [h, w], "counts": str}
   no_target: bool | None = None
+  invalid: bool | None = None
 
   @property
   def key(self) -> tuple[int, int]:
@@ -112,8 +115,8 @@ class Prediction:
     return int(self.mask["size"][0]), int(self.mask["size"][1])
 
   def predicted_mask(self) -> np.ndarray:
-    """bool [h, w]: the mask the metrics see (empty when `no_target` is true)."""
-    if self.no_target:
+    """bool [h, w]: the mask the metrics see (empty when `no_target` or `invalid` is true)."""
+    if self.no_target or self.invalid:
       return np.zeros(self.size, bool)
     return decode_mask(self.mask)
 
@@ -122,12 +125,14 @@ class Prediction:
             "mask": {"size": list(self.size), "counts": self.mask["counts"]}}
     if self.no_target is not None:
       line["no_target"] = bool(self.no_target)
+    if self.invalid is not None:
+      line["invalid"] = bool(self.invalid)
     return line
 
   @classmethod
   def from_mask(cls, dataset: str, split: str, ref_id: int, sent_id: int, mask: np.ndarray,
-                no_target: bool | None = None) -> "Prediction":
-    return cls(dataset, split, int(ref_id), int(sent_id), encode_mask(mask), no_target)
+                no_target: bool | None = None, invalid: bool | None = None) -> "Prediction":
+    return cls(dataset, split, int(ref_id), int(sent_id), encode_mask(mask), no_target, invalid)
 
 
 def _is_int(value) -> bool:
@@ -154,9 +159,9 @@ def parse_line(text: str, where: str) -> Prediction:
   for field in ("ref_id", "sent_id"):
     if not _is_int(line[field]):
       raise PredictionsError(f"{where}: field {field!r} must be an integer, got {line[field]!r}")
-  no_target = line.get("no_target")
-  if "no_target" in line and not isinstance(no_target, bool):
-    raise PredictionsError(f"{where}: field 'no_target' must be true or false, got {no_target!r}")
+  for field in OPTIONAL_FIELDS:
+    if field in line and not isinstance(line[field], bool):
+      raise PredictionsError(f"{where}: field {field!r} must be true or false, got {line[field]!r}")
   mask = line["mask"]
   if not isinstance(mask, dict) or set(mask) != {"size", "counts"}:
     raise PredictionsError(f"{where}: field 'mask' must be an object with exactly 'size' and 'counts', "
@@ -175,7 +180,7 @@ def parse_line(text: str, where: str) -> Prediction:
     raise PredictionsError(f"{where}: field 'mask.counts' covers {int(runs.sum())} pixels, mask.size {size} "
                            f"has {size[0] * size[1]}")
   return Prediction(line["dataset"], line["split"], line["ref_id"], line["sent_id"],
-                    {"size": list(size), "counts": mask["counts"]}, no_target)
+                    {"size": list(size), "counts": mask["counts"]}, line.get("no_target"), line.get("invalid"))
 
 
 def iter_predictions(path: str) -> Iterator[tuple[int, Prediction]]:

@@ -6,6 +6,10 @@ Every (ref_id, sent_id) of a split must be predicted exactly once: missing, dupl
 reported by name and count, and the score is never computed on a subset. Unless `allow_missing` is set, any of
 them is an error; with it, missing samples are scored as empty predictions (so the score still covers the whole
 split), duplicates keep their first line and unknown entries are ignored, all of them listed in the report.
+
+The report says how the predictions were made (`provenance.MadeWith`, read from the predictions file's sidecar,
+"unknown" without one); predictions made with ground-truth boxes are refused unless `allow_gt_boxes`. Lines that
+carry `invalid` (answers that could not be parsed) are counted per split.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from unires_jax.data import records as records_lib
 from unires_jax.eval import evaluators as evaluators_lib
 from unires_jax.eval import metrics as metrics_lib
 from unires_jax.eval import predictions as predictions_lib
+from unires_jax.eval import provenance
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +73,7 @@ class SplitScore:
   split: str
   metrics: metrics_lib.RESMetrics
   coverage: Coverage
+  invalid: int | None = None  # unparsable answers among the scored lines; None when no line says
 
 
 def group_predictions(path: str, dataset: str, splits: Sequence[str]
@@ -118,6 +124,7 @@ def score_split(records: Iterable[dict], split: str,
   metrics = metrics_lib.RESMetrics()
   coverage = Coverage(split)
   remaining = dict(predictions)
+  invalid = None
   for key, gt, has_target, granularity in ground_truth_samples(records, split, where):
     coverage.samples += 1
     entry = remaining.pop(key, None)
@@ -131,9 +138,11 @@ def score_split(records: Iterable[dict], split: str,
                            f"{list(prediction.size)}, the image of (ref_id={key[0]}, sent_id={key[1]}) is "
                            f"{list(gt.shape)}")
       pred = prediction.predicted_mask()
+      if prediction.invalid is not None:
+        invalid = (invalid or 0) + int(prediction.invalid)
     metrics.update(pred, gt, has_target, granularity)
   coverage.unknown = sorted(remaining)
-  return SplitScore(split, metrics, coverage)
+  return SplitScore(split, metrics, coverage, invalid)
 
 
 def default_records_fn(reader: str, data_dir: str, reader_options: Mapping[str, Any] | None = None
@@ -147,13 +156,30 @@ def default_records_fn(reader: str, data_dir: str, reader_options: Mapping[str, 
   return lambda split: read(data_dir, split, **options)
 
 
+def predictions_made_with(predictions_path: str, allow_gt_boxes: bool, sentence_mode: str = "per_sentence"
+                          ) -> provenance.MadeWith:
+  """How a predictions file was made (its sidecar), checked against the box policy and the sentence mode."""
+  provenance.check_sentence_mode(sentence_mode)
+  made_with = provenance.read_sidecar(predictions_path)
+  if made_with is None:
+    return provenance.MadeWith.unknown(f"no {os.path.basename(provenance.sidecar_path(predictions_path))} beside "
+                                       f"the predictions")
+  provenance.check_made_with(made_with, allow_gt_boxes, f"predictions {predictions_path}")
+  if made_with.sentence_mode != sentence_mode:
+    raise ScoringError(f"predictions {predictions_path} were made with sentence_mode {made_with.sentence_mode!r}; "
+                       f"scoring expects {sentence_mode!r}")
+  return made_with
+
+
 def score_predictions(predictions_path: str, *, dataset: str, splits: Sequence[str], evaluator: str,
                       records_fn: Callable[[str], Iterable[dict]], allow_missing: bool = False,
-                      output_dir: str | None = None) -> dict:
+                      output_dir: str | None = None, allow_gt_boxes: bool = False,
+                      sentence_mode: str = "per_sentence") -> dict:
   """Scores a predictions file on `splits`; returns the report written to metrics.json (and metrics.md) in
   `output_dir` (default: beside the predictions). Raises ScoringError on incomplete coverage unless
-  `allow_missing`."""
+  `allow_missing`, and GroundTruthBoxesError for predictions made with ground-truth boxes unless `allow_gt_boxes`."""
   family = evaluators_lib.EVALUATORS.lookup(evaluator)
+  made_with = predictions_made_with(predictions_path, allow_gt_boxes, sentence_mode)
   by_split, duplicates, other_splits = group_predictions(predictions_path, dataset, splits)
   if other_splits:
     log.warning("predictions %s: ignoring %d lines of splits not scored here: %s", predictions_path,
@@ -176,13 +202,14 @@ def score_predictions(predictions_path: str, *, dataset: str, splits: Sequence[s
     log.warning("%s", line)
 
   results = {score.split: family.summarize(score.metrics) for score in scores}
-  report = {"dataset": dataset, "evaluator": evaluator, "predictions": os.path.abspath(predictions_path),
-            "allow_missing": allow_missing, "ignored_other_splits": dict(other_splits),
-            "splits": {score.split: {"metrics": results[score.split], "all_metrics": score.metrics.result(),
-                                     "counts": score.metrics.sample_counts(),
-                                     "coverage": score.coverage.to_json()} for score in scores}}
+  split_reports = {score.split: {"metrics": results[score.split], "all_metrics": score.metrics.result(),
+                                 "counts": score.metrics.sample_counts(), "coverage": score.coverage.to_json(),
+                                 "invalid": score.invalid} for score in scores}
+  invalid = {score.split: score.invalid for score in scores if score.invalid is not None}
+  report, table = family.report(dataset, evaluator, made_with, results, split_reports, invalid or None,
+                                predictions=os.path.abspath(predictions_path), allow_missing=allow_missing,
+                                ignored_other_splits=dict(other_splits))
   output_dir = output_dir or os.path.dirname(os.path.abspath(predictions_path))
-  table = evaluators_lib.markdown_table(results, family.metric_names(), f"{family.TITLE}: {dataset}")
   evaluators_lib.write_report(output_dir, report, table)
   report["table"] = table
   return report
@@ -197,4 +224,6 @@ def score_from_config(config) -> dict:
   records_fn = default_records_fn(config.reader, config.data_dir, config.reader_options.to_dict())
   return score_predictions(config.predictions, dataset=config.dataset, splits=list(config.splits),
                            evaluator=config.type, records_fn=records_fn, allow_missing=config.allow_missing,
-                           output_dir=config.output_dir or None)
+                           output_dir=config.output_dir or None,
+                           allow_gt_boxes=bool(config.get("allow_gt_boxes", False)),
+                           sentence_mode=config.get("sentence_mode", "per_sentence"))

@@ -61,6 +61,9 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   for source in config.get("eval_splits", {}).values():
     if not os.path.isdir(source):
       raise FileNotFoundError(f"eval_splits: prepared split directory {source!r} does not exist")
+  if config.get("evals", {}):
+    from unires_jax.eval import box_source  # the final evaluation's box policy, checked before training
+    box_source.check_policy(*box_source.trainer_proposals_config(config), "config.eval.proposals")
 
 
 def _lora_fns(config):

@@ -1,0 +1,137 @@
+"""Which object and part boxes benchmark evaluation hands the model, and the prepared splits that carry them.
+
+Benchmark evaluation (`scripts/eval.py --config.checkpoint`, the trainer's final evaluation) reads its boxes from a
+proposal source (`unires_jax.proposals`) attached to the records when a split is prepared, and the pipeline is told
+to read exactly those (`data.box_source = 'proposals'`), whatever the run trained with (usually `annotations`). A source
+that reads annotations (`is_ground_truth`) is refused unless `allow_gt_boxes=True`; the result then says
+"ground-truth boxes" (`provenance.MadeWith`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from typing import Any, Callable, Iterable
+
+import ml_collections
+
+from unires_jax import proposals as proposals_lib
+from unires_jax.data import pipeline
+from unires_jax.data import records as records_lib
+from unires_jax.eval import provenance
+
+log = logging.getLogger(__name__)
+
+STAMP = "prepared_from.json"
+# What the trainer's final evaluation uses when the run config names no `eval.proposals`.
+DEFAULT_SOURCE = "none"
+
+
+def check_policy(proposals_config: ml_collections.ConfigDict, allow_gt_boxes: bool, where: str) -> None:
+  """The refusal of `eval_source`, from the registered class alone (nothing is built or loaded)."""
+  source_class = proposals_lib.SOURCES.lookup(proposals_config.source)
+  if getattr(source_class, "is_ground_truth", False) and not allow_gt_boxes:
+    raise provenance.GroundTruthBoxesError(provenance.ground_truth_refusal(where, proposals_config.source))
+
+
+def eval_source(proposals_config: ml_collections.ConfigDict, allow_gt_boxes: bool,
+                where: str) -> proposals_lib.ProposalSource:
+  """The source `proposals_config` names, refused when it reads annotations and `allow_gt_boxes` is False."""
+  source = proposals_lib.build_source(proposals_config)
+  if source.is_ground_truth and not allow_gt_boxes:
+    raise provenance.GroundTruthBoxesError(provenance.ground_truth_refusal(where, source.describe()))
+  if source.is_ground_truth:
+    log.warning("%s: evaluating with ground-truth boxes (%s); the results say so", where, source.describe())
+  return source
+
+
+def trainer_proposals_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, bool]:
+  """The run's `eval.proposals` section and `eval.allow_gt_boxes`; `none` (logged) when the run names none."""
+  eval_cfg = config.get("eval", None) or ml_collections.ConfigDict()
+  section = eval_cfg.get("proposals", None)
+  if section is None:
+    log.info("config.eval.proposals is not set: the final evaluation uses source %r (no boxes)", DEFAULT_SOURCE)
+    section = ml_collections.ConfigDict({"source": DEFAULT_SOURCE})
+  return section, bool(eval_cfg.get("allow_gt_boxes", False))
+
+
+def made_with(source: proposals_lib.ProposalSource, sentence_mode: str, checkpoint: str,
+              step: int | None) -> provenance.MadeWith:
+  return provenance.MadeWith(box_source=source.describe(), ground_truth_boxes=bool(source.is_ground_truth),
+                             sentence_mode=provenance.check_sentence_mode(sentence_mode),
+                             checkpoint=checkpoint, step=step)
+
+
+def eval_run_config(run_config: ml_collections.ConfigDict, batch_size: int | None = None
+                    ) -> ml_collections.ConfigDict:
+  """A copy of a run config whose pipeline reads the records' attached proposals and nothing else."""
+  copy = ml_collections.ConfigDict(run_config.to_dict())
+  copy.data.box_source = "proposals"
+  if batch_size is not None:
+    copy.data.batch_size = int(batch_size)
+  return copy
+
+
+# ------------------------------------------------------------------------------------ prepared splits
+
+
+def source_stamp(source: proposals_lib.ProposalSource, proposals_config: ml_collections.ConfigDict) -> dict:
+  return {"source": source.describe(), "proposals": proposals_config.to_dict()}
+
+
+def split_stamp(split_dir: str) -> dict:
+  """What identifies a prepared split's content: its path and a digest of its index.json."""
+  with open(os.path.join(split_dir, records_lib.INDEX), "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+  return {"split_dir": os.path.abspath(split_dir), "index_sha256": digest}
+
+
+def _stamp_matches(out_dir: str, stamp: dict) -> bool:
+  path = os.path.join(out_dir, STAMP)
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    return json.load(f) == json.loads(json.dumps(stamp))
+
+
+def prepare_split(records_fn: Callable[[], Iterable[dict]], source: proposals_lib.ProposalSource, out_dir: str,
+                  stamp: dict[str, Any], *, dataset: str, split: str,
+                  decode: Callable[[dict], Any] = pipeline.decode_image) -> str:
+  """`out_dir` holding `records_fn()`'s records with the source's proposals; reused while its stamp (what it was
+  made from: reader or split, and the source) is unchanged. On several processes, process 0 writes, the others
+  wait for it."""
+  import jax
+
+  if jax.process_index() == 0 and not _stamp_matches(out_dir, stamp):
+    records_lib.write_split(proposals_lib.attach(records_fn(), source, decode), out_dir, num_shards=1,
+                            dataset=dataset, split=split)
+    temp = os.path.join(out_dir, f"{STAMP}.tmp-{os.getpid()}")
+    with open(temp, "w") as f:
+      json.dump(stamp, f, indent=2)
+    os.replace(temp, os.path.join(out_dir, STAMP))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"unires_jax proposals attached to {out_dir}")
+  return out_dir
+
+
+def split_records(split_dir: str) -> Callable[[], Iterable[dict]]:
+  """The records of a prepared split, in order (for re-attaching proposals to it)."""
+  def records() -> Iterable[dict]:
+    source = records_lib.SplitSource(split_dir)
+    for index in range(source.num_records):
+      yield source.record(index)
+  return records
+
+
+def attach_to_prepared(split_dirs: dict[str, str], source: proposals_lib.ProposalSource,
+                       proposals_config: ml_collections.ConfigDict, out_root: str, dataset: str) -> dict[str, str]:
+  """{split: prepared dir} → {split: a copy under `out_root/<split>` with the source's proposals}."""
+  out = {}
+  for split, split_dir in split_dirs.items():
+    stamp = {**split_stamp(split_dir), **source_stamp(source, proposals_config)}
+    out[split] = prepare_split(split_records(split_dir), source, os.path.join(out_root, split), stamp,
+                               dataset=dataset, split=split)
+  return out
