@@ -103,23 +103,7 @@ def test_predict_errors_name_the_missing_image_and_checkpoint(tmp_path):
                          str(tmp_path / "o.png"), "--boxes", '{"object": [[1, 2, 3]]}'])
 
 
-# ----------------------------------------------------------------------------- with a trained checkpoint
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-  """A toy run trained for 3 steps (the quick config without its final evaluation)."""
-  from unires_jax.train import runner
-
-  workdir = str(tmp_path_factory.mktemp("toy_run"))
-  config = toy_config.get_config("quick")
-  config.train.total_steps = 3
-  config.train.checkpoint_every = 3
-  config.train.async_checkpoint = False
-  config.evals = {}
-  config.eval_splits = {}
-  runner.run(config, workdir)
-  return workdir
+# ------------------------------------------- with a trained checkpoint (the `trained_run` fixture, conftest.py)
 
 
 @pytest.mark.slow
