@@ -11,8 +11,16 @@ Keys:
   worker_buffer_size: batches each worker keeps ready. read_threads, read_buffer_size: grain ReadOptions of the
     map stage. The shuffle is a global permutation of sample indices per epoch (grain MapDataset.shuffle), so it
     needs no shuffle buffer.
-  box_source: 'auto' (record proposals, or the record's GT boxes of that granularity when it has none),
-    'proposals', or 'annotations' (GT boxes always).
+  box_source: where the object and part boxes come from: 'annotations' (the record's ground-truth boxes; the
+    default, for training), 'proposals' (the record's `proposals`, whatever source made them: detection files,
+    `sam`, ...; what benchmark evaluation uses) or 'none' (no boxes; every slot masked).
+    `pipeline.box_source_of(split_dir, data)` says which boxes a split's batches carry, for metrics files.
+  proposal_noise: training-only box noise (unires_jax/data/proposal_noise.py): enabled (False), jitter (centre shift
+    and size change as a fraction of the box's size), drop_target_prob / drop_other_prob (chance that a referred
+    target's / any other box is removed), false_positives (mean number of spurious boxes added per image and
+    granularity, Poisson), shifted_copy_prob (share of those that are copies of a real box moved by 0.5-1 of its
+    size; the rest are random boxes with sides false_positive_size = (min, max) fractions of the image's),
+    shuffle (permute the boxes' order), seed (mixed with each sample's generator). Evaluation never sees it.
   targets_first: in training, when an image has more boxes than the model's slots, keep the referred targets'
     boxes first (then larger area first); eval never looks at the targets.
   too_long: 'error' (default: a sample whose prompt + answer exceed max_text_len stops the run, naming it) or
@@ -20,6 +28,9 @@ Keys:
   tokenizer_path: a SentencePiece model (LLaMA tokenizer.model for the full run); empty: the toy tokenizer,
     trained once from the sources' sentences at toy_tokenizer_prefix (empty: <first source>/toy_tokenizer)
     with toy_tokenizer_vocab_size pieces.
+  prompt_style: 'unires' (the visual prefix of image, object and part slots, then `USER: ... ASSISTANT:`) or
+    'llava_v1' (LISA's `<s>{system_prompt} USER: <im_start><image>×Ni<im_end>\n... ASSISTANT:`, image slots only).
+  system_prompt: the llava_v1 system text (unused by 'unires').
 """
 
 from __future__ import annotations
@@ -62,10 +73,14 @@ def data_config(run: str = "toy", sources: Sequence[tuple[str, float] | str] = (
       worker_buffer_size=2,
       read_threads=2 if toy else 8,
       read_buffer_size=16 if toy else 128,
-      box_source="auto",
+      box_source="annotations",
+      proposal_noise=dict(enabled=False, jitter=0.1, drop_target_prob=0.1, drop_other_prob=0.2, false_positives=1.0,
+                          shifted_copy_prob=0.5, false_positive_size=(0.05, 0.5), shuffle=True, seed=0),
       targets_first=True,
       too_long="error",
       tokenizer_path="",
       toy_tokenizer_prefix="",
       toy_tokenizer_vocab_size=512,
+      prompt_style="unires",  # or "llava_v1" (LISA: system text, image group only; configs/lisa.py)
+      system_prompt="",
   ))

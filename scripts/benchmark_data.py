@@ -54,7 +54,8 @@ def synthetic_record(image_id: int, rng: np.random.Generator, height: int = 480,
     refs.append(dict(ref_id=image_id * 10 + r, split="train", ann_ids=ann_ids, granularity=granularity,
                      sentences=sentences))
   return dict(dataset="synthetic", image_id=image_id, file_name=f"{image_id}.jpg", height=height, width=width,
-              image_bytes=encoded.getvalue(), annotations=annotations, proposals=dict(object=[], part=[]), refs=refs)
+              image_bytes=encoded.getvalue(), annotations=annotations, proposals=records.empty_proposals(),
+              refs=refs)
 
 
 def measure(split_dir: str, resolution: str, workers: int, batches: int, batch_size: int) -> dict:

@@ -3,6 +3,12 @@
     python scripts/import_pretrained.py --config configs/unires_7b.py --out /ckpt/init \
         --llm /hf/vicuna-7b --vision-tower /hf/clip-vit-large-patch14-336 \
         --convnext /hf/convnext_large_clip.safetensors --sam /hf/sam-vit-huge
+    python scripts/import_pretrained.py --config configs/lisa.py:7b --out /ckpt/lisa7b \
+        --lisa /hf/LISA-7B-v1 --vision-tower /hf/clip-vit-large-patch14
+
+`--lisa` reads a whole LISA checkpoint (LLM, projector, SAM ViT-H, mask decoder, `[SEG]` head; `convert/lisa.py`)
+through its index file, and copies its `tokenizer.model` and `added_tokens.json` to `OUT/tokenizer/`
+(`data.tokenizer_path` of the written config points there).
 
 Each part is read tensor by tensor (safetensors `safe_open`, or `.bin` via `torch.load(weights_only=True)`), mapped
 through its table in `unires_jax/convert/`, checked against `jax.eval_shape` of the model (the first mismatching
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Mapping
@@ -30,13 +37,15 @@ from unires_jax import sharding  # noqa: E402
 from unires_jax.convert import checkpoints, mapping  # noqa: E402
 from unires_jax.convert.clip_vit import clip_vit_table  # noqa: E402
 from unires_jax.convert.convnext import convnext_hf_table, convnext_timm_table  # noqa: E402
+from unires_jax.convert import lisa as lisa_convert  # noqa: E402
+from unires_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from unires_jax.convert.llama import llama_table  # noqa: E402
 from unires_jax.convert.sam import POSITIONAL, SKIPPED, TIED_POSITIONAL, sam_decoder_table  # noqa: E402
 from unires_jax.convert.unires import prefixed  # noqa: E402
 from unires_jax.models.example_batch import example_batch  # noqa: E402
 from unires_jax.models.unires import UniRES, UniRESConfig  # noqa: E402
 
-PARTS = ("llm", "vision_tower", "convnext", "sam")
+PARTS = ("llm", "vision_tower", "convnext", "sam", "lisa")
 # Buffers and heads that checkpoints carry beside the weights this model uses.
 LLAMA_UNUSED = (r"model\.rotary_emb\.inv_freq", r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 CLIP_UNUSED = (r"(?!vision_model\.).*", r"vision_model\.embeddings\.position_ids")
@@ -88,13 +97,37 @@ def part_source(part: str, path: str, cfg: UniRESConfig) -> dict:
   if part == "sam":
     return dict(entries=prefixed(sam_decoder_table(cfg.mask_decoder), "mask_decoder", ""),
                 reader=_Aliased(reader, POSITIONAL, TIED_POSITIONAL), num_layers=0, allow_unused=SKIPPED)
+  if part == "lisa":
+    return dict(entries=lisa_convert.lisa_table(cfg), reader=lisa_convert.IndexedReader(path),
+                num_layers=cfg.llm.num_layers if cfg.llm.scan_layers else 0, allow_unused=lisa_convert.UNUSED)
   raise ValueError(f"unknown part {part!r}; expected one of {PARTS}")
+
+
+def copy_lisa_tokenizer(lisa_dir: str, out_dir: str, llm_vocab_size: int) -> str:
+  """Copies a LISA folder's `tokenizer.model` + `added_tokens.json` to `out_dir/tokenizer/`; returns the model path.
+
+  The special-token ids come from `added_tokens.json` (never from tokenising their text) and must fit the LLM.
+  """
+  lisa_convert.lisa_special_ids(lisa_dir)
+  source = os.path.join(lisa_dir, "tokenizer.model")
+  if not os.path.exists(source):
+    raise FileNotFoundError(f"LISA checkpoint {lisa_dir!r} has no tokenizer.model")
+  target_dir = os.path.join(out_dir, "tokenizer")
+  os.makedirs(target_dir, exist_ok=True)
+  for name in ("tokenizer.model", tokenizer_lib.ADDED_TOKENS_FILE):
+    shutil.copyfile(os.path.join(lisa_dir, name), os.path.join(target_dir, name))
+  target = os.path.join(target_dir, "tokenizer.model")
+  tokenizer_lib.check_vocab_fits(tokenizer_lib.Tokenizer(target), llm_vocab_size)
+  return target
 
 
 def import_pretrained(config: ml_collections.ConfigDict, out_dir: str, sources: Mapping[str, str | None],
                       seed: int = 0) -> dict:
   """Imports the given parts (`{part: path}`), initialises the rest, writes `out_dir`; returns the report."""
   start = time.perf_counter()
+  overlap = [part for part in ("llm", "sam") if sources.get("lisa") and sources.get(part)]
+  if overlap:
+    raise ValueError(f"--lisa already holds the LLM and SAM; drop --{overlap[0]}")
   model = UniRES(UniRESConfig.from_config(config.model))
   cfg = model.config
   batch = example_batch(cfg, 1)
@@ -131,6 +164,8 @@ def import_pretrained(config: ml_collections.ConfigDict, out_dir: str, sources: 
       flat.update(jax.jit(init_fresh, out_shardings={p: shardings[p] for p in fresh_paths})(jax.random.key(seed)))
 
   os.makedirs(out_dir, exist_ok=True)
+  if sources.get("lisa") and "data" in config:
+    config.data.tokenizer_path = copy_lisa_tokenizer(sources["lisa"], out_dir, cfg.llm.vocab_size)
   checkpoints.save_params(out_dir, mapping.unflatten_params(flat))
   with open(os.path.join(out_dir, checkpoints.CONFIG_FILE), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
@@ -156,10 +191,13 @@ def main(argv=None) -> None:
   parser.add_argument("--vision-tower", help="CLIPVisionModel / CLIPModel folder or weight file")
   parser.add_argument("--convnext", help="ConvNeXt weights: timm, open_clip (visual.trunk.) or HF ConvNext keys")
   parser.add_argument("--sam", help="SamModel folder or weight file")
+  parser.add_argument("--lisa", help="a LISA checkpoint folder (pytorch_model-*.bin + index, tokenizer, "
+                                     "added_tokens.json); pair it with --vision-tower and configs/lisa.py")
   parser.add_argument("--seed", type=int, default=0, help="seed of the freshly initialised parameters")
   args = parser.parse_args(argv)
   config = checkpoints.config_from_file(args.config)
-  sources = {"llm": args.llm, "vision_tower": args.vision_tower, "convnext": args.convnext, "sam": args.sam}
+  sources = {"llm": args.llm, "vision_tower": args.vision_tower, "convnext": args.convnext, "sam": args.sam,
+             "lisa": args.lisa}
   report = import_pretrained(config, args.out, sources, args.seed)
   print(f"imported {report['num_imported_tensors']} tensors, initialised {report['num_initialised_tensors']}, "
         f"{report['num_params']:,} parameters in {report['seconds']:.1f}s → {args.out}")

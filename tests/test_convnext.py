@@ -15,7 +15,8 @@ from scipy.special import erf
 
 from configs import common
 from unires_jax import sharding
-from unires_jax.models.convnext import ConvNeXt, ConvNextBlock, ConvNextConfig, ConvNextStage
+from unires_jax.models.convnext import (DEPTHWISE_IMPLS, ConvNeXt, ConvNextBlock, ConvNextConfig, ConvNextStage,
+                                       depthwise_conv, resolve_depthwise_impl)
 
 TINY = ConvNextConfig(**common.model_config("tiny").convnext.to_dict())
 # Odd widths, two blocks in a stage, and a layer scale big enough to matter.
@@ -61,9 +62,10 @@ def _reference_block(p, x, eps):
   return x + h * p["layer_scale"]
 
 
-def test_block_matches_numpy_reference():
+@pytest.mark.parametrize("impl", DEPTHWISE_IMPLS)
+def test_block_matches_numpy_reference(impl):
   x = np.random.default_rng(1).normal(size=(2, 9, 11, 6)).astype(np.float32)  # odd, non-square map
-  block = ConvNextBlock(SMALL, dim=6)
+  block = ConvNextBlock(dataclasses.replace(SMALL, depthwise_impl=impl), dim=6)
   params = _params_of(block, x.shape, seed=2)
   expected = _reference_block(params, x.astype(np.float64), SMALL.layer_norm_eps)
   np.testing.assert_allclose(np.asarray(_run(block, params, x)), expected, atol=1e-5, rtol=0)
@@ -160,3 +162,26 @@ def test_sharded_dims_of_tiny_divide_by_four_and_sharded_equals_unsharded():
     # Sharded reductions sum in another order: equal up to float32 rounding of the map's magnitude.
     scale = float(np.max(np.abs(np.asarray(want_map))))
     np.testing.assert_allclose(np.asarray(got_map), np.asarray(want_map), atol=2e-6 * scale, rtol=0)
+
+
+def test_depthwise_formulations_agree_and_the_backend_picks_one():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 13, 10, 5)).astype(np.float32))
+  kernel = jnp.asarray(rng.normal(size=(7, 7, 1, 5)).astype(np.float32))
+  shifted = jax.jit(lambda a, k: depthwise_conv(a, k, "shifted"))(x, kernel)
+  grouped = jax.jit(lambda a, k: depthwise_conv(a, k, "grouped"))(x, kernel)
+  np.testing.assert_allclose(np.asarray(shifted), np.asarray(grouped), atol=2e-5, rtol=0)
+  # A one-hot kernel at the centre is the identity; one tap to the right reads the left neighbour's value.
+  centre = np.zeros((7, 7, 1, 5), np.float32)
+  centre[3, 3] = 1.0
+  np.testing.assert_array_equal(np.asarray(depthwise_conv(x, jnp.asarray(centre), "shifted")), np.asarray(x))
+  right = np.zeros((7, 7, 1, 5), np.float32)
+  right[3, 4] = 1.0
+  moved = np.asarray(depthwise_conv(x, jnp.asarray(right), "shifted"))
+  np.testing.assert_array_equal(moved[:, :, :-1], np.asarray(x)[:, :, 1:])
+  np.testing.assert_array_equal(moved[:, :, -1], 0.0)
+  assert resolve_depthwise_impl("auto", "cpu") == "shifted"
+  assert resolve_depthwise_impl("auto", "gpu") == "grouped"
+  assert resolve_depthwise_impl("grouped", "cpu") == "grouped"
+  with pytest.raises(ValueError, match="depthwise_impl"):
+    ConvNextConfig(image_size=64, depths=(1, 1, 1, 1), dims=(4, 4, 4, 4), depthwise_impl="fft")

@@ -307,3 +307,33 @@ def test_wrong_input_shapes_are_named():
     model.apply({"params": params}, jnp.zeros((2, 5, CFG.hidden_size)), jnp.ones((2, 4), bool))
   with pytest.raises(ValueError, match="input_embeds must be"):
     model.apply({"params": params}, jnp.zeros((2, 5, 7)), jnp.ones((2, 5), bool))
+
+
+def test_attention_implementations_agree_with_padding_gqa_and_empty_rows():
+  """`jax.nn.dot_product_attention` ('xla') against the einsum formulation, fp32: ragged padding on both sides, a
+  row whose first queries see no key at all, GQA, and the same through the KV cache."""
+  rng = np.random.default_rng(11)
+  batch, length, heads, kv_heads, head_dim = 3, 7, 4, 2, 6
+  query = jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)).astype(np.float32))
+  key = jnp.asarray(rng.normal(size=(batch, length, kv_heads, head_dim)).astype(np.float32))
+  value = jnp.asarray(rng.normal(size=(batch, length, kv_heads, head_dim)).astype(np.float32))
+  key_mask = np.ones((batch, length), bool)
+  key_mask[0, 5:] = False  # right padding
+  key_mask[1, :2] = False  # left padding: the first two queries of row 1 have no allowed key
+  key_mask[2, 3] = False   # a hole in the middle
+  allowed = jnp.asarray(np.tril(np.ones((length, length), bool))[None] & key_mask[:, None, :])
+  outputs = {impl: np.asarray(jax.jit(functools.partial(llm.attend, impl=impl, dtype=jnp.float32))(
+      query, key, value, allowed)) for impl in ("einsum", "xla")}
+  assert np.isfinite(outputs["xla"]).all()
+  np.testing.assert_allclose(outputs["xla"], outputs["einsum"], atol=1e-5, rtol=0)
+
+  params = _init(CFG)
+  ids = _tokens(12, (2, 8))
+  mask = np.ones((2, 8), bool)
+  mask[0, 6:] = False
+  mask[1, :3] = False
+  logits = {impl: np.asarray(_logits(dataclasses.replace(CFG, attention_impl=impl), params, ids, mask))
+            for impl in ("einsum", "xla")}
+  np.testing.assert_allclose(logits["xla"], logits["einsum"], atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match="attention_impl"):
+    dataclasses.replace(CFG, attention_impl="splash")

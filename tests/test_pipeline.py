@@ -23,6 +23,7 @@ BATCH_SPEC = {
     "target_ids": (np.int32, (L,)), "loss_mask": (np.float32, (L,)), "seg_index": (np.int32, ()),
     "has_target": (np.bool_, ()), "gt_mask": (np.float32, (S_H, S_H)), "sample_index": (np.int32, ()),
 }
+DETECTOR = "test detector"
 WORDS = ("left", "right", "red", "blue", "box", "wheel", "top", "small", "big", "corner")
 
 
@@ -52,7 +53,7 @@ def _record(image_id, height, width, objects, parts, refs, proposals=None, datas
                          sentences=[dict(sent_id=image_id * 100 + r * 10 + s, sent=t) for s, t in enumerate(sentences)]))
   return dict(dataset=dataset, image_id=image_id, file_name=f"{image_id}.png", height=height, width=width,
               image_bytes=encoded.getvalue(), annotations=annotations,
-              proposals=proposals or dict(object=[], part=[]), refs=ref_list)
+              proposals=proposals or records.empty_proposals(), refs=ref_list)
 
 
 def _phrase(rng) -> str:
@@ -72,7 +73,8 @@ def _main_records() -> list[dict]:
                                   (22, 22, 38, 40), (30, 12, 34, 16)], parts=[],
               refs=[([5], "object", [_phrase(rng), _phrase(rng)])]),
       _record(3, 32, 32, objects=[(8, 8, 24, 24)], parts=[(8, 8, 16, 16)],
-              proposals=dict(object=[[6.0, 6.0, 26.0, 26.0], [0.0, 0.0, 10.0, 10.0]], part=[[8.0, 8.0, 16.0, 17.0]]),
+              proposals=dict(object=[[6.0, 6.0, 26.0, 26.0], [0.0, 0.0, 10.0, 10.0]], part=[[8.0, 8.0, 16.0, 17.0]],
+                             object_scores=[0.9, 0.4], part_scores=[0.8], source=DETECTOR),
               refs=[([0], "object", [_phrase(rng), _phrase(rng)]), ([1], "part", [_phrase(rng)])]),
   ]
   for image_id in (4, 5):
@@ -209,10 +211,13 @@ def test_images_are_the_transformed_record_pixels(eval_batches, split_dirs):
   np.testing.assert_array_equal(sample["image_high"], transforms.preprocess_image(pixels, S_H))
 
 
-def test_boxes_come_from_proposals_or_annotations_on_the_high_res_canvas(eval_batches):
-  _, _, batches, stats = eval_batches
+def test_annotation_boxes_on_the_high_res_canvas(eval_batches, split_dirs):
+  config, _, batches, stats = eval_batches
+  assert config.data.box_source == "annotations"
+  assert pipeline.box_source_of(split_dirs["main"], config.data) == records.GT_BOXES_SOURCE
+  assert pipeline.uses_ground_truth_boxes(pipeline.box_source_of(split_dirs["main"], config.data))
   samples = _samples(batches)
-  # Sample 0: image 1 (48x64, no proposals): its GT boxes scaled by 128/64 = 2.
+  # Sample 0: image 1 (48x64): its GT boxes scaled by 128/64 = 2.
   np.testing.assert_allclose(samples[0]["object_boxes"][:2], [[8, 8, 60, 80], [64, 16, 120, 88]])
   np.testing.assert_array_equal(samples[0]["object_box_mask"], [True, True, False, False])
   np.testing.assert_allclose(samples[0]["part_boxes"][0], [8, 8, 32, 40])
@@ -224,9 +229,30 @@ def test_boxes_come_from_proposals_or_annotations_on_the_high_res_canvas(eval_ba
   np.testing.assert_allclose(samples[5]["object_boxes"], np.array(
       [[0, 20, 30, 50], [2, 50, 38, 64], [0, 0, 20, 20], [22, 22, 38, 40]]) * 2.0)
   assert stats.dropped_object_boxes == 2 * 2  # two boxes dropped in each of image 2's two samples
-  # Image 3 has detector proposals (32x32, scale 4): they replace the GT boxes.
+  # Image 3 (32x32, scale 4) has detector proposals, which 'annotations' ignores.
+  np.testing.assert_allclose(samples[7]["object_boxes"][:1], [[32, 32, 96, 96]])
+  np.testing.assert_array_equal(samples[7]["object_box_mask"], [True, False, False, False])
+
+
+def test_proposal_boxes_come_from_the_records_and_none_gives_no_boxes(split_dirs):
+  config = _config([split_dirs["main"]], toy_tokenizer_prefix=split_dirs["root"] + "/tok", box_source="proposals")
+  samples = _samples(pipeline.make_eval_iterator(config, split_dirs["main"], batch_size=8))
+  # Image 3 (32x32, scale 4): its detector proposals replace the GT boxes.
   np.testing.assert_allclose(samples[7]["object_boxes"][:2], [[24, 24, 104, 104], [0, 0, 40, 40]])
+  np.testing.assert_array_equal(samples[7]["object_box_mask"], [True, True, False, False])
   np.testing.assert_allclose(samples[7]["part_boxes"][0], [32, 32, 64, 68])
+  # Image 1 has no proposals: no boxes at all (ground truth never stands in).
+  assert not samples[0]["object_box_mask"].any() and not samples[0]["part_box_mask"].any()
+  assert not (samples[0]["attention_mask"] & (samples[0]["token_type"] == 2)).any()
+  # Four of the five images have no proposals: the index counts images per source.
+  assert pipeline.box_source_of(split_dirs["main"], config.data) == (
+      f"{records.NO_BOXES_SOURCE} on 4 images + {DETECTOR} on 1 images")
+  assert pipeline.box_source_of(split_dirs["empty"], config.data) == records.NO_BOXES_SOURCE
+  config.data.box_source = "none"
+  assert pipeline.box_source_of(split_dirs["main"], config.data) == records.NO_BOXES_SOURCE
+  for sample in _samples(pipeline.make_eval_iterator(config, split_dirs["main"], batch_size=8)).values():
+    assert not sample["object_box_mask"].any() and not sample["part_box_mask"].any()
+    assert np.all(sample["object_boxes"] == 0) and np.all(sample["part_boxes"] == 0)
 
 
 def test_select_boxes_keeps_targets_first_then_larger_areas():
@@ -303,6 +329,32 @@ def test_simulated_processes_see_disjoint_shards_that_cover_the_data(split_dirs)
   assert sorted(eval_seen[0] + eval_seen[1]) == list(range(16))
 
 
+def test_training_noise_is_seeded_keeps_templates_and_never_reaches_eval(split_dirs, eval_batches):
+  config = _config([split_dirs["main"]], toy_tokenizer_prefix=split_dirs["root"] + "/tok")
+  clean = _take(pipeline.make_train_iterator(config, 0, 1), 2)
+  config.data.proposal_noise.enabled = True
+  config.data.proposal_noise.false_positives = 2.0
+  noisy = _take(pipeline.make_train_iterator(config, 0, 1), 2)
+  _assert_same_batches(noisy, _take(pipeline.make_train_iterator(config, 0, 1), 2))  # same seed, same boxes
+  changed = 0
+  for a, b in zip(clean, noisy):
+    for key in ("sample_index", "input_ids", "token_type", "target_ids", "loss_mask", "gt_mask", "image_high"):
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)  # the noise draws after the template choice
+    for kind, slot_type in (("object", 2), ("part", 3)):
+      changed += int(not np.array_equal(a[f"{kind}_boxes"], b[f"{kind}_boxes"]))
+      slots = b["token_type"] == slot_type
+      np.testing.assert_array_equal(b["attention_mask"][slots].reshape(b[f"{kind}_box_mask"].shape),
+                                    b[f"{kind}_box_mask"])
+      real = b[f"{kind}_boxes"][b[f"{kind}_box_mask"]]
+      assert np.all(real >= 0) and np.all(real <= S_H) and np.all(real[:, 2:] > real[:, :2])
+  assert changed == 4
+  config.data.proposal_noise.seed = 1
+  reseeded = _take(pipeline.make_train_iterator(config, 0, 1), 1)[0]
+  assert not np.array_equal(reseeded["object_boxes"], noisy[0]["object_boxes"])
+  _, _, clean_eval, _ = eval_batches
+  _assert_same_batches(clean_eval, list(pipeline.make_eval_iterator(config, split_dirs["main"], batch_size=6)))
+
+
 def test_mixture_honours_its_weights(split_dirs):
   config = _config([(split_dirs["main"], 3.0), (split_dirs["empty"], 1.0)],
                    toy_tokenizer_prefix=split_dirs["root"] + "/tok")
@@ -332,8 +384,13 @@ def test_config_errors_name_the_key(split_dirs):
   config = _config([split_dirs["main"]], toy_tokenizer_prefix=split_dirs["root"] + "/tok", max_text_len=200)
   with pytest.raises(ValueError, match="max_seq_len 128"):
     pipeline.make_eval_iterator(config, split_dirs["main"])
-  config = _config([split_dirs["main"]], box_source="detector")
-  with pytest.raises(ValueError, match="box_source 'detector'"):
+  for box_source in ("detector", "auto"):
+    config = _config([split_dirs["main"]], box_source=box_source)
+    with pytest.raises(ValueError, match=f"box_source '{box_source}'"):
+      pipeline.make_train_iterator(config, 0, 1)
+  config = _config([split_dirs["main"]])
+  config.data.proposal_noise.drop_target_prob = 1.5
+  with pytest.raises(ValueError, match=r"data.proposal_noise.drop_target_prob must be a probability"):
     pipeline.make_train_iterator(config, 0, 1)
   config = _config([split_dirs["main"]])
   config.data.answer_templates = ["Sure."]

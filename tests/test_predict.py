@@ -21,12 +21,8 @@ PROMPT_KEYS = ("image_low", "image_high", "object_boxes", "object_box_mask", "pa
 
 
 def _eval_boxes(record: dict) -> dict:
-  """The boxes the eval pipeline feeds for a record (box_source 'auto': proposals, else annotation boxes)."""
-  boxes = {}
-  for kind in ("object", "part"):
-    proposals = record["proposals"][kind]
-    boxes[kind] = proposals if proposals else [a["bbox"] for a in record["annotations"] if a["granularity"] == kind]
-  return boxes
+  """The boxes the eval pipeline feeds for a record (the toy config's box_source 'annotations': its GT boxes)."""
+  return {kind: [a["bbox"] for a in record["annotations"] if a["granularity"] == kind] for kind in ("object", "part")}
 
 
 def test_prompt_batch_equals_the_eval_pipeline(tmp_path):

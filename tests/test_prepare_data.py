@@ -88,3 +88,83 @@ def test_tfds_style_data_source(synthetic_dir, tmp_path):
   assert {(s["ids"]["ref_id"], s["ids"]["sent_id"]) for s in source.__getitems__(range(len(source)))} == expected
   with pytest.raises(KeyError, match="synthetic_cris/val"):
     tfds_builder.data_source("refcoco", "val", str(tmp_path / "prepared"))
+
+
+def _detection_files(synthetic_dir, tmp_path, split):
+  """An object file with two boxes per image of `split` (one crossing the right edge), a low-score box, and ids
+  of other splits and of no image; a part file per split (`{split}` in its path)."""
+  instances = json.load(open(os.path.join(synthetic_dir, "grefcoco", "instances.json")))
+  split_ids = {r["image_id"] for r in json.load(open(os.path.join(synthetic_dir, "grefcoco", "grefs(unc).json")))
+               if r["split"] == split}
+  objects, parts, other_ids = [], [], set()
+  for image in instances["images"]:
+    if image["id"] not in split_ids:
+      other_ids.add(image["id"])
+    width = image["width"]
+    objects += [{"image_id": image["id"], "bbox": [2, 3, 10, 12], "score": 0.6, "category_id": 1},
+                {"image_id": image["id"], "bbox": [width - 5, 0, 20, 8], "score": 0.9},
+                {"image_id": image["id"], "bbox": [1, 1, 4, 4], "score": 0.05}]
+    parts.append({"image_id": image["id"], "bbox": [4, 4, 3, 2], "score": 0.7})
+  objects.append({"image_id": 123456, "bbox": [0, 0, 1, 1], "score": 0.9})
+  (tmp_path / "objects.json").write_text(json.dumps(objects))
+  (tmp_path / f"{split}_parts.json").write_text(json.dumps(parts))
+  widths = {image["id"]: image["width"] for image in instances["images"]}
+  return str(tmp_path / "objects.json"), str(tmp_path / "{split}_parts.json"), split_ids, other_ids, widths
+
+
+def test_detection_proposals_are_stored_with_their_source_and_counted(synthetic_dir, tmp_path, capsys):
+  object_file, part_file, split_ids, other_ids, widths = _detection_files(synthetic_dir, tmp_path, "train")
+  out = str(tmp_path / "train")
+  argv = ["--dataset", "synthetic_grefcoco", "--data-dir", synthetic_dir, "--split", "train", "--out", out,
+          "--num-shards", "3", "--object-proposals", object_file, "--part-proposals", part_file,
+          "--proposal-score-threshold", "0.1"]
+  index = prepare_data.main(argv)
+  describe = (f"detections (objects {object_file}, parts {part_file}; score >= 0.1, all per image, "
+              f"match by image_id)")
+  assert index["proposals"]["sources"] == {describe: len(split_ids)}
+  assert index["proposals"]["object_boxes"] == 2 * len(split_ids)
+  assert index["proposals"]["part_boxes"] == len(split_ids)
+  source = records.SplitSource(out)
+  for k in range(source.num_records):
+    record = source.record(k)
+    width = widths[record["image_id"]]
+    assert record["proposals"] == {"object": [[width - 5.0, 0.0, float(width), 8.0], [2.0, 3.0, 12.0, 15.0]],
+                                   "object_scores": [0.8999999761581421, 0.6000000238418579],
+                                   "part": [[4.0, 4.0, 7.0, 6.0]], "part_scores": [0.699999988079071],
+                                   "source": describe}
+  summary = index["proposals"]["summary"]
+  assert summary["object"]["clipped"] == len(split_ids) and summary["object"]["below_threshold"] == len(split_ids)
+  assert summary["object"]["images"] == summary["object"]["images_with_boxes"] == len(split_ids)
+  files = summary["object"]["files"][object_file]
+  assert files["unmatched_ids"] == len(other_ids) + 1
+  assert files["unmatched"] == sorted(other_ids | {123456})[:20]
+  assert summary["part"]["files"][str(tmp_path / "train_parts.json")]["unmatched_ids"] == len(other_ids)
+  assert {"objects.json", "train_parts.json"} <= set(index["source_checksums"])
+  printed = capsys.readouterr().out
+  assert f"{len(other_ids) + 1} ids match no image" in printed and f"{len(split_ids)} clipped" in printed
+  # Rerunning with other proposals over the finished shards is refused, naming a shard.
+  with pytest.raises(ValueError, match=r"records-00000-of-00003.array_record holds other proposals"):
+    prepare_data.main(argv[:-2])
+
+
+def test_proposal_flags_without_a_file_and_bad_files_are_refused(synthetic_dir, tmp_path):
+  base = ["--dataset", "synthetic_grefcoco", "--data-dir", synthetic_dir, "--split", "val",
+          "--out", str(tmp_path / "val")]
+  with pytest.raises(ValueError, match="--proposal-top-k need --object-proposals or --part-proposals"):
+    prepare_data.main(base + ["--proposal-top-k", "3"])
+  (tmp_path / "bad.json").write_text('[{"image_id": 1, "bbox": [0, 0, -1, 2], "score": 0.5}]')
+  with pytest.raises(ValueError, match=r"bad.json entry 0: 'bbox' has a negative width"):
+    prepare_data.main(base + ["--object-proposals", str(tmp_path / "bad.json")])
+
+
+def test_the_command_line_prints_known_errors_in_one_line(tmp_path):
+  import subprocess
+  import sys
+
+  result = subprocess.run([sys.executable, "scripts/prepare_data.py", "--dataset", "synthetic_grefcoco", "--data-dir",
+                           str(tmp_path), "--split", "val", "--out", str(tmp_path / "out"), "--proposal-top-k", "3"],
+                          capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode == 2
+  assert result.stderr.strip() == ("prepare_data.py: error: --proposal-top-k need --object-proposals or "
+                                   "--part-proposals")

@@ -116,7 +116,8 @@ def test_refer_masks_boxes_and_ids(refer_dir):
   np.testing.assert_array_equal(records.ground_truth_mask(record, by_ref[6]), _coco_mask(_uncompressed_rle()))
   boxes = {a["ann_id"]: a["bbox"] for a in record["annotations"]}
   assert boxes[71] == [14.0, 3.0, 19.0, 9.0]
-  assert record["proposals"]["object"] == [a["bbox"] for a in record["annotations"]]
+  # Readers never copy ground-truth boxes into proposals: a proposal source fills them (scripts/prepare_data.py).
+  assert record["proposals"] == records.empty_proposals() and record["proposals"]["source"] == "none (no boxes)"
   assert [r["image_id"] for r in _read("refcoco", refer_dir, "train")] == [8]
 
 
@@ -156,7 +157,9 @@ def test_cris_png_masks_and_part_granularity(tmp_path):
   assert [s["sent_id"] for s in by_ref[302]["sentences"]] == [3020, 3021]
   for segment_id, mask in masks.items():
     np.testing.assert_array_equal(records.ground_truth_mask(record, by_ref[segment_id]), mask)
-  assert record["proposals"] == {"object": [[1.0, 2.0, 10.0, 12.0]], "part": [[3.0, 4.0, 8.0, 9.0]]}
+  boxes = {a["ann_id"]: (a["granularity"], a["bbox"]) for a in record["annotations"]}
+  assert boxes == {301: ("object", [1.0, 2.0, 10.0, 12.0]), 302: ("part", [3.0, 4.0, 8.0, 9.0])}
+  assert record["proposals"] == records.empty_proposals()
 
 
 def test_mres_rle_and_captions(tmp_path):

@@ -46,7 +46,8 @@ def make_record(image_id: int, num_sentences=(2, 1, 1), height=12, width=16) -> 
           {"ann_id": 1, "category": "box", "granularity": "object", "bbox": [1, 2, 6, 8], "rle": _rle(left)},
           {"ann_id": 2, "category": "box", "granularity": "object", "bbox": [9, 4, 15, 10], "rle": _rle(right)},
       ],
-      "proposals": {"object": [[1, 2, 6, 8]], "part": []},
+      "proposals": {"object": [[1, 2, 6, 8]], "part": [], "object_scores": [0.75], "part_scores": [],
+                    "source": "test detector"},
       "refs": refs,
   }, left, right
 
@@ -63,6 +64,11 @@ def test_encode_decode_round_trip():
     (lambda r: r["refs"][0].__setitem__("granularity", "thing"), "'granularity' must be one of"),
     (lambda r: r["refs"][2].__setitem__("granularity", "object"), "'no-target' exactly when"),
     (lambda r: r["annotations"][0]["rle"].__setitem__("size", [3, 3]), "'rle.size' must be the image size"),
+    (lambda r: r["proposals"].pop("source"), "'source' missing in proposals .* prepare the split again"),
+    (lambda r: r["proposals"].__setitem__("source", ""), "'proposals.source' must be a non-empty str"),
+    (lambda r: r["proposals"].pop("part_scores"), "proposals: key 'part_scores' missing"),
+    (lambda r: r["proposals"].__setitem__("object_scores", []), "'proposals.object_scores' must be a list of 1 "),
+    (lambda r: r["proposals"]["object"].__setitem__(0, [1, 2, 3]), r"'proposals.object\[0\]' must be"),
 ])
 def test_validation_names_record_and_key(mutate, message):
   record, _, _ = make_record(5)
@@ -94,6 +100,7 @@ def test_write_split_sample_table_index_and_ids(tmp_path):
   assert index["records_per_shard"] == [3, 2]
   assert index["granularity_samples"] == {"multi-object": 5, "no-target": 10, "object": 7}
   assert index["skipped_bad"] == {"missing_image": 1}
+  assert index["proposals"] == {"sources": {"test detector": 5}, "object_boxes": 5, "part_boxes": 0}
   assert json.load(open(tmp_path / "index.json")) == index
 
   source = records.SplitSource(str(tmp_path))
@@ -126,7 +133,13 @@ def test_corrupt_record_names_file_and_index(tmp_path):
   summary = {"shard": path.name, "skipped": {},
              "records": [{"image_id": 0, "num_annotations": 2, "sentences_per_ref": [1], "ref_granularities":
                           ["object"]}] * 3}
-  (tmp_path / (path.name + records.SHARD_SUMMARY_SUFFIX)).write_text(json.dumps(summary))
+  summary_path = tmp_path / (path.name + records.SHARD_SUMMARY_SUFFIX)
+  summary_path.write_text(json.dumps(summary))
+  with pytest.raises(records.RecordError, match="has no 'proposal_source'.*prepare it again"):
+    records.finalize_split(str(tmp_path), 1)  # a summary written before records named their proposal source
+  for record_summary in summary["records"]:
+    record_summary.update(proposal_source=records.NO_BOXES_SOURCE, proposal_counts=[0, 0])
+  summary_path.write_text(json.dumps(summary))
   records.finalize_split(str(tmp_path), 1)
   source = records.SplitSource(str(tmp_path))
   assert source.record(0)["image_id"] == 0

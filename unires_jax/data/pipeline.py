@@ -28,12 +28,14 @@ from unires_jax import sharding
 from unires_jax.data import records as records_lib
 from unires_jax.data import tokenizer as tokenizer_lib
 from unires_jax.data import transforms
+from unires_jax.data import proposal_noise as noise_lib
 
 log = logging.getLogger(__name__)
 
 # token_type values (DESIGN.md batch table).
 TEXT, IMAGE_SLOT, OBJECT_SLOT, PART_SLOT = 0, 1, 2, 3
-BOX_SOURCES = ("auto", "proposals", "annotations")
+# data.box_source: the record's proposals (whatever made them), the ground-truth annotation boxes, or no boxes.
+BOX_SOURCES = ("proposals", "annotations", "none")
 TOO_LONG_POLICIES = ("error", "skip")
 # Private per-sample counters; the last stage of the pipeline (in the main process) sums and removes them.
 _COUNTER_KEYS = ("_dropped_object_boxes", "_dropped_part_boxes", "_too_long")
@@ -60,20 +62,27 @@ class DataConfig:
   worker_buffer_size: int = 2
   read_threads: int = 4
   read_buffer_size: int = 64
-  box_source: str = "auto"
+  box_source: str = "annotations"
+  proposal_noise: noise_lib.NoiseConfig = dataclasses.field(default_factory=noise_lib.NoiseConfig)
   targets_first: bool = True
   too_long: str = "error"
   tokenizer_path: str = ""
   toy_tokenizer_prefix: str = ""
   toy_tokenizer_vocab_size: int = 512
+  prompt_style: str = "unires"
+  system_prompt: str = ""
 
   def __post_init__(self):
     object.__setattr__(self, "sources", tuple(
         s if isinstance(s, SourceConfig) else SourceConfig(**dict(s)) for s in self.sources))
     for name in ("instruction_templates", "answer_templates", "no_target_answer_templates"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
+    if not isinstance(self.proposal_noise, noise_lib.NoiseConfig):
+      object.__setattr__(self, "proposal_noise", noise_lib.NoiseConfig.from_dict(dict(self.proposal_noise)))
     if self.box_source not in BOX_SOURCES:
       raise ValueError(f"data.box_source {self.box_source!r}: expected one of {BOX_SOURCES}")
+    if self.prompt_style not in PROMPT_STYLES:
+      raise ValueError(f"data.prompt_style {self.prompt_style!r}: expected one of {sorted(PROMPT_STYLES)}")
     if self.too_long not in TOO_LONG_POLICIES:
       raise ValueError(f"data.too_long {self.too_long!r}: expected one of {TOO_LONG_POLICIES}")
     if any(s.weight <= 0 for s in self.sources):
@@ -103,6 +112,8 @@ class Layout:
   max_object_boxes: int
   max_part_boxes: int
   max_text_len: int
+  prompt_style: str = "unires"  # a key of PROMPT_STYLES
+  system_prompt: str = ""
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> Layout:
@@ -112,7 +123,11 @@ class Layout:
     layout = cls(image_size_low=int(vit.image_size), image_size_high=int(config.model.convnext.image_size),
                  num_image_slots=(vit.image_size // vit.patch_size) ** 2,
                  max_object_boxes=int(flow.max_object_boxes), max_part_boxes=int(flow.max_part_boxes),
-                 max_text_len=int(config.data.max_text_len))
+                 max_text_len=int(config.data.max_text_len),
+                 prompt_style=str(config.data.get("prompt_style", "unires")),
+                 system_prompt=str(config.data.get("system_prompt", "")))
+    if layout.prompt_style not in PROMPT_STYLES:
+      raise ValueError(f"data.prompt_style {layout.prompt_style!r}: expected one of {sorted(PROMPT_STYLES)}")
     if layout.max_text_len > config.model.llm.max_seq_len:
       raise ValueError(f"data.max_text_len {layout.max_text_len} exceeds model.llm.max_seq_len "
                        f"{config.model.llm.max_seq_len}")
@@ -123,7 +138,9 @@ class Layout:
 
   @property
   def prefix_len(self) -> int:
-    """`<s>` plus the three marked groups of visual slots."""
+    """`<s>` plus the marked groups of visual slots (llava_v1: the image group only; its system text not counted)."""
+    if self.prompt_style == "llava_v1":
+      return 1 + self.num_image_slots + 2
     return 1 + (self.num_image_slots + 2) + (self.max_object_boxes + 2) + (self.max_part_boxes + 2)
 
 
@@ -158,11 +175,41 @@ def visual_prefix(tokenizer: tokenizer_lib.Tokenizer, layout: Layout) -> tuple[l
   return ids, types
 
 
-def prompt_ids(tokenizer: tokenizer_lib.Tokenizer, layout: Layout, instruction: str) -> tuple[list[int], list[int]]:
-  """The whole prompt up to and including `ASSISTANT:`: (ids, token_type). Inference generates from here."""
+def unires_prompt(tokenizer: tokenizer_lib.Tokenizer, layout: Layout,
+                  instruction: str) -> tuple[list[int], list[int]]:
+  """UniRES++: the visual prefix, then `USER: {instruction} ASSISTANT:`."""
   ids, types = visual_prefix(tokenizer, layout)
   question = tokenizer.encode(f"USER: {instruction} ASSISTANT:")
   return ids + question, types + [TEXT] * len(question)
+
+
+def llava_v1_prompt(tokenizer: tokenizer_lib.Tokenizer, layout: Layout,
+                    instruction: str) -> tuple[list[int], list[int]]:
+  """LISA / LLaVA-1: `<s>{system} USER: <im_start><image>×Ni<im_end>\n{instruction} ASSISTANT:`.
+
+  Only image slots exist (a layout with object or part slots is refused); the system text is `data.system_prompt`.
+  """
+  if layout.max_object_boxes or layout.max_part_boxes:
+    raise ValueError(f"data.prompt_style 'llava_v1' has no object/part slots, but the model has "
+                     f"{layout.max_object_boxes} object and {layout.max_part_boxes} part boxes "
+                     f"(model.vision_flow.max_object_boxes / max_part_boxes must be 0)")
+  special = tokenizer.special_ids
+  head = tokenizer.encode(f"{layout.system_prompt} USER:" if layout.system_prompt else "USER:")
+  image = ([special[tokenizer_lib.IMAGE_START]] + [special[tokenizer_lib.IMAGE_TOKEN]] * layout.num_image_slots
+           + [special[tokenizer_lib.IMAGE_END]])
+  question = tokenizer.encode(f"\n{instruction} ASSISTANT:")
+  ids = [tokenizer.bos_id] + head + image + question
+  types = [TEXT] * (1 + len(head)) + [TEXT] + [IMAGE_SLOT] * layout.num_image_slots + [TEXT] + [TEXT] * len(question)
+  return ids, types
+
+
+# data.prompt_style → the prompt builder (ids, token_type) up to and including `ASSISTANT:`.
+PROMPT_STYLES = {"unires": unires_prompt, "llava_v1": llava_v1_prompt}
+
+
+def prompt_ids(tokenizer: tokenizer_lib.Tokenizer, layout: Layout, instruction: str) -> tuple[list[int], list[int]]:
+  """The whole prompt up to and including `ASSISTANT:`: (ids, token_type). Inference generates from here."""
+  return PROMPT_STYLES[layout.prompt_style](tokenizer, layout, instruction)
 
 
 def _pack(tokenizer: tokenizer_lib.Tokenizer, length: int, ids: list[int], types: list[int],
@@ -239,21 +286,47 @@ def select_boxes(boxes: np.ndarray, is_target: np.ndarray, max_boxes: int) -> tu
   return boxes[order[:max_boxes]], len(boxes) - max_boxes
 
 
-def _granularity_boxes(record: dict, ref: dict, granularity: str, box_source: str,
-                       targets_first: bool) -> tuple[np.ndarray, np.ndarray]:
-  """Boxes of one granularity in original pixels [N, 4], and which of them belong to the referred targets [N]."""
+def _granularity_boxes(record: dict, ref: dict, granularity: str, box_source: str) -> tuple[np.ndarray, np.ndarray]:
+  """Boxes of one granularity in original pixels [N, 4], and which of them stand for the referred targets [N]."""
+  if box_source == "none":
+    return np.zeros((0, 4), np.float32), np.zeros((0,), bool)
   annotations = [a for a in record["annotations"] if a["granularity"] == granularity]
   referred = {int(a) for a in ref["ann_ids"]}
   gt_boxes = np.asarray([a["bbox"] for a in annotations], np.float32).reshape(-1, 4)
   gt_is_target = np.asarray([int(a["ann_id"]) in referred for a in annotations], bool)
+  if box_source == "annotations":
+    return gt_boxes, gt_is_target
   proposals = np.asarray(record["proposals"][granularity], np.float32).reshape(-1, 4)
-  use_proposals = box_source == "proposals" or (box_source == "auto" and len(proposals) > 0)
-  if not use_proposals:
-    return gt_boxes, gt_is_target & targets_first
-  if not targets_first or not gt_is_target.any():
+  if not gt_is_target.any() or not len(proposals):
     return proposals, np.zeros((len(proposals),), bool)
   # A proposal stands for a referred target when it overlaps one of the target boxes with IoU >= 0.5.
   return proposals, box_iou(proposals, gt_boxes[gt_is_target]).max(axis=1) >= 0.5
+
+
+def box_source_of(split_dir: str, data: DataConfig | ml_collections.ConfigDict) -> str:
+  """What the object and part boxes of `split_dir`'s batches are, for metrics files: `records.GT_BOXES_SOURCE`
+  (`data.box_source='annotations'`), `records.NO_BOXES_SOURCE` ('none'), or with 'proposals' the source the
+  split's records name (index.json `proposals.sources`; several sources are listed with their image counts).
+  Training noise is not part of it: it never touches evaluation batches."""
+  box_source = data.box_source
+  if box_source not in BOX_SOURCES:
+    raise ValueError(f"data.box_source {box_source!r}: expected one of {BOX_SOURCES}")
+  if box_source == "annotations":
+    return records_lib.GT_BOXES_SOURCE
+  if box_source == "none":
+    return records_lib.NO_BOXES_SOURCE
+  sources = records_lib.read_index(split_dir).get("proposals", {}).get("sources")
+  if not sources:
+    raise records_lib.RecordError(f"prepared split {split_dir}: {records_lib.INDEX} has no 'proposals.sources' "
+                                  f"(prepared before records carried their proposal source); prepare it again")
+  if len(sources) == 1:
+    return next(iter(sources))
+  return " + ".join(f"{source} on {count} images" for source, count in sorted(sources.items()))
+
+
+def uses_ground_truth_boxes(box_source: str) -> bool:
+  """Whether a `box_source_of` description involves ground-truth boxes (benchmark evaluation refuses those)."""
+  return records_lib.GT_BOXES_SOURCE in box_source
 
 
 def canvas_boxes(boxes: np.ndarray, height: int, width: int, size: int, max_boxes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -324,20 +397,26 @@ class SampleEncoder:
     out = dict(image_low=transforms.preprocess_image(pixels, layout.image_size_low),    # [S_l, S_l, 3]
                image_high=transforms.preprocess_image(pixels, layout.image_size_high))  # [S_h, S_h, 3]
 
-    targets_first = data.targets_first and self.train
-    dropped = {}
-    for granularity, max_boxes in (("object", layout.max_object_boxes), ("part", layout.max_part_boxes)):
-      boxes, is_target = _granularity_boxes(record, ref, granularity, data.box_source, targets_first)
-      kept, dropped[granularity] = select_boxes(boxes, is_target, max_boxes)
-      out[f"{granularity}_boxes"], out[f"{granularity}_box_mask"] = canvas_boxes(
-          kept, height, width, layout.image_size_high, max_boxes)
-
     has_target = bool(ref["ann_ids"])
     pick = (lambda n: int(rng.integers(n))) if (self.train and rng is not None) else (lambda n: 0)
     phrase = sample["sentence"]["sent"].strip()
     instruction = data.instruction_templates[pick(len(data.instruction_templates))].format(phrase=phrase)
     answers = data.answer_templates if has_target else data.no_target_answer_templates
     answer = answers[pick(len(answers))].format(phrase=phrase)
+
+    # Drawn after the templates, so switching the noise on leaves every sample's template choice unchanged.
+    noise = data.proposal_noise if self.train else noise_lib.NoiseConfig(enabled=False)
+    if noise.enabled and rng is None:
+      raise ValueError("data.proposal_noise.enabled needs the training map's per-sample rng (random_map)")
+    noise_rng = np.random.default_rng([noise.seed, int(rng.integers(2**63))]) if noise.enabled else None
+    targets_first = data.targets_first and self.train
+    dropped = {}
+    for granularity, max_boxes in (("object", layout.max_object_boxes), ("part", layout.max_part_boxes)):
+      boxes, is_target = _granularity_boxes(record, ref, granularity, data.box_source)
+      boxes, is_target = noise_lib.perturb(boxes, is_target, height, width, noise_rng, noise)
+      kept, dropped[granularity] = select_boxes(boxes, is_target & targets_first, max_boxes)
+      out[f"{granularity}_boxes"], out[f"{granularity}_box_mask"] = canvas_boxes(
+          kept, height, width, layout.image_size_high, max_boxes)
     text = encode_text(self.tokenizer, layout, instruction, answer)
     too_long = text is None
     if too_long:

@@ -21,7 +21,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from unires_jax import registry
-from unires_jax.data import safe_pickle
+from unires_jax.data import records, safe_pickle
 
 DATASETS = registry.Registry("dataset")
 
@@ -166,11 +166,6 @@ def _sentences(ref: dict, where: str) -> list[dict]:
   return out
 
 
-def _proposals(annotations: list[dict]) -> dict:
-  """Ground-truth boxes stand in for detector proposals (DESIGN.md)."""
-  return {kind: [list(a["bbox"]) for a in annotations if a["granularity"] == kind] for kind in ("object", "part")}
-
-
 # ------------------------------------------------------------------------------- refer and gRefCOCO (COCO)
 
 
@@ -233,7 +228,7 @@ def _coco_plans(dataset: str, split: str, instances_path: str, refs: list[tuple[
       if not kept:
         return None
       return {"dataset": dataset, "image_id": image_id, "file_name": file_name, "height": height, "width": width,
-              "image_bytes": image_bytes, "annotations": annotations, "proposals": _proposals(annotations),
+              "image_bytes": image_bytes, "annotations": annotations, "proposals": records.empty_proposals(),
               "refs": sorted(kept, key=lambda r: r["ref_id"])}
     return _ImagePlan(image_id, build)
 
@@ -373,7 +368,7 @@ def read_cris(data_dir: str, split: str, *, name: str = "refcocom", image_dir: s
         return None
       return {"dataset": dataset or name, "image_id": image_id, "file_name": img_name, "height": height,
               "width": width, "image_bytes": image_bytes, "annotations": annotations,
-              "proposals": _proposals(annotations), "refs": sorted(refs, key=lambda r: r["ref_id"])}
+              "proposals": records.empty_proposals(), "refs": sorted(refs, key=lambda r: r["ref_id"])}
     return _ImagePlan((image_id, img_name), build)
 
   plans = [plan(image_id, img_name, image_entries) for (image_id, img_name), image_entries in by_image.items()]
@@ -429,7 +424,7 @@ def read_mres(data_dir: str, split: str, *, image_dir: str | None = None, datase
       if not refs:
         return None
       return {"dataset": dataset, "image_id": image_id, "file_name": file_name, "height": height, "width": width,
-              "image_bytes": image_bytes, "annotations": annotations, "proposals": _proposals(annotations),
+              "image_bytes": image_bytes, "annotations": annotations, "proposals": records.empty_proposals(),
               "refs": refs}
     return _ImagePlan(os.path.basename(path), build)
 

@@ -11,7 +11,7 @@ import collections
 import hashlib
 import json
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import msgpack
 import numpy as np
@@ -23,6 +23,10 @@ REF_GRANULARITIES = ("object", "multi-object", "part", "no-target")
 SAMPLE_TABLE = "sample_table.npy"
 INDEX = "index.json"
 SHARD_SUMMARY_SUFFIX = ".summary.json"
+PROPOSAL_KINDS = ("object", "part")
+# The `proposals.source` of the two trivial sources (unires_jax/proposals/annotations.py describes itself with these).
+GT_BOXES_SOURCE = "annotations (ground-truth boxes)"
+NO_BOXES_SOURCE = "none (no boxes)"
 
 
 class RecordError(ValueError):
@@ -64,6 +68,28 @@ def _validate_box(box: Any, where: str, key: str) -> None:
           "[x0, y0, x1, y1] numbers", box)
 
 
+def empty_proposals(source: str = NO_BOXES_SOURCE) -> dict:
+  """A record's `proposals` entry with no boxes (what the readers write before a proposal source runs)."""
+  return {"object": [], "part": [], "object_scores": [], "part_scores": [], "source": source}
+
+
+def _validate_proposals(proposals: Any, where: str) -> None:
+  if isinstance(proposals, dict) and "source" not in proposals:
+    raise RecordError(f"record {where}: key 'source' missing in proposals (a record written before proposals "
+                      f"carried their source; prepare the split again with scripts/prepare_data.py)")
+  _require(proposals, PROPOSAL_KINDS + tuple(f"{kind}_scores" for kind in PROPOSAL_KINDS) + ("source",),
+           f"{where} proposals")
+  _expect(isinstance(proposals["source"], str) and proposals["source"], where, "proposals.source",
+          "a non-empty str naming the proposal source", proposals["source"])
+  for kind in PROPOSAL_KINDS:
+    boxes, scores = proposals[kind], proposals[f"{kind}_scores"]
+    _expect(isinstance(boxes, list), where, f"proposals.{kind}", "a list of boxes", boxes)
+    for j, box in enumerate(boxes):
+      _validate_box(box, where, f"proposals.{kind}[{j}]")
+    _expect(isinstance(scores, list) and len(scores) == len(boxes) and all(_is_number(s) for s in scores), where,
+            f"proposals.{kind}_scores", f"a list of {len(boxes)} numbers (one per box)", scores)
+
+
 def validate_record(record: Any, where: str) -> None:
   """Checks the DESIGN.md schema; raises RecordError naming `where` and the offending key."""
   _require(record, ("dataset", "image_id", "file_name", "height", "width", "image_bytes", "annotations",
@@ -92,12 +118,7 @@ def validate_record(record: Any, where: str) -> None:
     _expect(isinstance(rle["counts"], str), at, "rle.counts", "a compressed RLE str", type(rle["counts"]))
     ann_ids.add(int(ann["ann_id"]))
 
-  proposals = record["proposals"]
-  _require(proposals, ("object", "part"), f"{where} proposals")
-  for kind in ("object", "part"):
-    _expect(isinstance(proposals[kind], list), where, f"proposals.{kind}", "a list of boxes", proposals[kind])
-    for j, box in enumerate(proposals[kind]):
-      _validate_box(box, where, f"proposals.{kind}[{j}]")
+  _validate_proposals(record["proposals"], where)
 
   _expect(isinstance(record["refs"], list), where, "refs", "a list", record["refs"])
   for i, ref in enumerate(record["refs"]):
@@ -176,14 +197,18 @@ def _summarise(record: dict) -> dict:
       "num_annotations": len(record["annotations"]),
       "sentences_per_ref": [len(ref["sentences"]) for ref in record["refs"]],
       "ref_granularities": [ref["granularity"] for ref in record["refs"]],
+      "proposal_source": record["proposals"]["source"],
+      "proposal_counts": [len(record["proposals"][kind]) for kind in PROPOSAL_KINDS],
   }
 
 
-def write_shard(records: Iterable[dict], path: str, skipped: dict[str, int] | None = None) -> dict:
+def write_shard(records: Iterable[dict], path: str, skipped: dict[str, int] | None = None,
+                proposal_report: Callable[[], dict] | None = None) -> dict:
   """Writes one ArrayRecord shard atomically (temp name, then rename) and its summary beside it.
 
   The summary (`<shard>.summary.json`) is written after the shard, so a shard with a summary is complete; a rerun
-  of prepare_data skips it.
+  of prepare_data skips it. `proposal_report()`, called once every record is written, is what the proposal source
+  counted on this shard (e.g. `DetectionFiles.report()`); it is kept in the summary as `proposal_report`.
   """
   from array_record.python import array_record_module
 
@@ -201,6 +226,8 @@ def write_shard(records: Iterable[dict], path: str, skipped: dict[str, int] | No
   writer.close()
   os.replace(temp, path)
   summary = {"shard": os.path.basename(path), "records": summaries, "skipped": dict(skipped or {})}
+  if proposal_report is not None:
+    summary["proposal_report"] = proposal_report()
   _atomic_write_bytes(path + SHARD_SUMMARY_SUFFIX, json.dumps(summary).encode())
   return summary
 
@@ -223,11 +250,18 @@ def file_checksum(path: str) -> str:
 
 
 def finalize_split(out_dir: str, num_shards: int, *, dataset: str = "", split: str = "",
-                   source_files: Sequence[str] = (), extra_skipped: dict[str, int] | None = None) -> dict:
-  """Builds sample_table.npy and index.json from the shard summaries; returns the index."""
+                   source_files: Sequence[str] = (), extra_skipped: dict[str, int] | None = None,
+                   proposal_summary: dict | None = None) -> dict:
+  """Builds sample_table.npy and index.json from the shard summaries; returns the index.
+
+  `index.proposals` holds the images per proposal source, the stored box counts and, when given,
+  `proposal_summary` (what the source counted: for detection files, unmatched ids and clipped boxes).
+  """
   rows = []
   shard_sizes = []
   granularity = collections.Counter()
+  proposal_sources = collections.Counter()
+  proposal_boxes = collections.Counter()
   skipped = collections.Counter(extra_skipped or {})
   num_refs = num_masks = 0
   record_index = 0
@@ -239,6 +273,12 @@ def finalize_split(out_dir: str, num_shards: int, *, dataset: str = "", split: s
     shard_sizes.append(len(summary["records"]))
     skipped.update(summary["skipped"])
     for record_summary in summary["records"]:
+      if "proposal_source" not in record_summary:
+        raise RecordError(f"split {out_dir}: shard summary {shard_name(k, num_shards)}{SHARD_SUMMARY_SUFFIX} "
+                          f"has no 'proposal_source' (written before proposals carried their source); delete "
+                          f"the split and prepare it again")
+      proposal_sources[record_summary["proposal_source"]] += 1
+      proposal_boxes.update(dict(zip(PROPOSAL_KINDS, record_summary["proposal_counts"])))
       num_masks += record_summary["num_annotations"]
       for ref_index, (count, ref_granularity) in enumerate(
           zip(record_summary["sentences_per_ref"], record_summary["ref_granularities"])):
@@ -264,6 +304,9 @@ def finalize_split(out_dir: str, num_shards: int, *, dataset: str = "", split: s
       "granularity_samples": dict(sorted(granularity.items())),
       "source_checksums": {os.path.basename(p): file_checksum(p) for p in source_files},
       "skipped_bad": dict(sorted(skipped.items())),
+      "proposals": {"sources": dict(sorted(proposal_sources.items())),
+                    **{f"{kind}_boxes": proposal_boxes[kind] for kind in PROPOSAL_KINDS},
+                    **({"summary": proposal_summary} if proposal_summary is not None else {})},
   }
   _atomic_write_bytes(os.path.join(out_dir, INDEX), json.dumps(index, indent=2).encode())
   return index
@@ -290,6 +333,15 @@ def write_split(records: Iterable[dict], out_dir: str, num_shards: int, *, datas
 # ------------------------------------------------------------------------------------------------ reading
 
 
+def read_index(split_dir: str) -> dict:
+  """The split's index.json (written by finalize_split)."""
+  index_path = os.path.join(split_dir, INDEX)
+  if not os.path.exists(index_path):
+    raise FileNotFoundError(f"prepared split {split_dir}: {INDEX} missing (run scripts/prepare_data.py)")
+  with open(index_path) as f:
+    return json.load(f)
+
+
 class SplitSource:
   """Random access to a prepared split: `len()` samples, `record(i)` images, `sample(i)` (record, ref, sentence)."""
 
@@ -297,11 +349,7 @@ class SplitSource:
     import grain
 
     self.split_dir = split_dir
-    index_path = os.path.join(split_dir, INDEX)
-    if not os.path.exists(index_path):
-      raise FileNotFoundError(f"prepared split {split_dir}: {INDEX} missing (run scripts/prepare_data.py)")
-    with open(index_path) as f:
-      self.index = json.load(f)
+    self.index = read_index(split_dir)
     self.shard_paths = [os.path.join(split_dir, name) for name in self.index["shards"]]
     self._offsets = np.cumsum([0] + list(self.index["records_per_shard"]))  # [num_shards + 1]
     self.sample_table = np.load(os.path.join(split_dir, SAMPLE_TABLE))  # [num_samples, 3] int32

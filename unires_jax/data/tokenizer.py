@@ -3,10 +3,16 @@
 The special tokens (`<image> <obj> <part> [SEG]` and the span markers) are SentencePiece user-defined symbols in
 a model trained here; a LLaMA `tokenizer.model` lacks them, so they are appended after its base vocabulary and
 text is split on them before SentencePiece sees it. Either way `encode` maps each special token to one id.
+
+A Hugging Face tokenizer folder may hold `added_tokens.json` beside `tokenizer.model` (LISA's: `<im_patch>` 32000,
+`<im_start>` 32001, `<im_end>` 32002, `[SEG]` 32003). When it names any of the special tokens (LLaVA's
+`<im_patch>` standing for `<image>`), the ids come from that file and only the tokens it names exist: asking for
+another (`special_ids['<obj>']`) fails naming the file. Ids are never found by tokenising the token's text.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Iterable, Sequence
@@ -23,6 +29,38 @@ PART_START, PART_END = "<part_start>", "<part_end>"
 # The order is the order in which they are appended after a base vocabulary (so the ids are stable).
 SPECIAL_TOKENS = (IMAGE_TOKEN, OBJECT_TOKEN, PART_TOKEN, SEG_TOKEN, IMAGE_START, IMAGE_END, OBJECT_START,
                   OBJECT_END, PART_START, PART_END)
+ADDED_TOKENS_FILE = "added_tokens.json"
+# Names other projects give our special tokens in their added_tokens.json.
+ADDED_TOKEN_ALIASES = {"<im_patch>": IMAGE_TOKEN}
+
+
+class _AddedTokenIds(dict):
+  """special token → id from an added_tokens.json; a token the file lacks fails naming the file."""
+
+  def __init__(self, ids, path):
+    super().__init__(ids)
+    self.path = path
+
+  def __missing__(self, token):
+    raise KeyError(f"special token {token!r} is not in {self.path!r} (it defines {sorted(self)}); this tokenizer "
+                   f"cannot build a prompt that needs it")
+
+
+def read_added_tokens(path: str) -> dict[str, int]:
+  """{special token: id} of the SPECIAL_TOKENS (or their aliases) an added_tokens.json names; others ignored."""
+  try:
+    with open(path) as f:
+      added = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path!r} is not valid JSON ({e}); expected {{token: id}}") from e
+  if not isinstance(added, dict) or not all(isinstance(v, int) for v in added.values()):
+    raise ValueError(f"{path!r}: expected a JSON object {{token: integer id}}")
+  ids = {}
+  for name, token_id in added.items():
+    token = ADDED_TOKEN_ALIASES.get(name, name)
+    if token in SPECIAL_TOKENS:
+      ids[token] = int(token_id)
+  return ids
 
 
 class Tokenizer:
@@ -41,16 +79,28 @@ class Tokenizer:
       raise ValueError(f"SentencePiece model {model_path!r} defines some special tokens but not {missing}; "
                        f"expected all of {SPECIAL_TOKENS} or none")
     self.specials_in_model = bool(in_model)
+    added_path = os.path.join(os.path.dirname(os.path.abspath(model_path)), ADDED_TOKENS_FILE)
+    added = read_added_tokens(added_path) if os.path.exists(added_path) and not in_model else {}
+    self.added_tokens_path = added_path if added else None
     if self.specials_in_model:
       self.special_ids = dict(in_model)
+    elif added:
+      low = [t for t, i in added.items() if i < self.base_vocab_size]
+      if low:
+        raise ValueError(f"{added_path!r}: {low[0]!r} has id {added[low[0]]}, inside the SentencePiece vocabulary "
+                         f"of {self.base_vocab_size} pieces; expected added ids >= {self.base_vocab_size}")
+      self.special_ids = _AddedTokenIds(added, added_path)
     else:
       self.special_ids = {token: self.base_vocab_size + k for k, token in enumerate(SPECIAL_TOKENS)}
     self._special_by_id = {i: token for token, i in self.special_ids.items()}
-    self._special_pattern = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+    present = [t for t in SPECIAL_TOKENS if t in self.special_ids]
+    self._special_pattern = re.compile("(" + "|".join(re.escape(t) for t in present) + ")")
 
   @property
   def vocab_size(self) -> int:
-    return self.base_vocab_size + (0 if self.specials_in_model else len(SPECIAL_TOKENS))
+    if self.specials_in_model:
+      return self.base_vocab_size
+    return max(self.base_vocab_size, max(self._special_by_id) + 1)
 
   @property
   def bos_id(self) -> int:

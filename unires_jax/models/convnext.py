@@ -24,6 +24,58 @@ NUM_STAGES = 4
 TOTAL_STRIDE = 32
 
 
+DEPTHWISE_IMPLS = ("shifted", "grouped")
+# The one place the depthwise formulation is chosen per backend. XLA:CPU runs a grouped convolution with one
+# group per channel far below its matmul rate (0.5–0.7 GFLOP/s measured), while 49 shifted multiply-adds of the
+# padded map stay on its fast elementwise path (docs/benchmarks.md); cuDNN and the TPU convolution units run the
+# grouped form well.
+DEPTHWISE_BY_BACKEND = {"cpu": "shifted"}
+DEPTHWISE_DEFAULT = "grouped"
+
+
+def resolve_depthwise_impl(impl: str, backend: str | None = None) -> str:
+  if impl != "auto":
+    return impl
+  return DEPTHWISE_BY_BACKEND.get(backend or jax.default_backend(), DEPTHWISE_DEFAULT)
+
+
+def depthwise_conv(features: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
+  """Per-channel k×k convolution with 'same' zero padding: [B, H, W, C] * [k, k, 1, C] → [B, H, W, C]."""
+  size = kernel.shape[0]
+  pad = size // 2
+  if impl == "grouped":
+    return jax.lax.conv_general_dilated(features, kernel, (1, 1), ((pad, pad), (pad, pad)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=features.shape[-1])
+  height, width = features.shape[1:3]
+  padded = jnp.pad(features, ((0, 0), (pad, pad), (pad, pad), (0, 0)))  # [B, H+k-1, W+k-1, C]
+  out = jnp.zeros_like(features)
+  for i in range(size):  # row by row: each row's k taps share one slice of the padded map
+    rows = padded[:, i:i + height]  # [B, H, W+k-1, C]
+    out = out + sum(rows[:, :, j:j + width] * kernel[i, j, 0] for j in range(size))
+  return out
+
+
+class DepthwiseConv(nn.Module):
+  """The block's 7×7 depthwise conv; parameters `kernel` [k, k, 1, C] and `bias` [C] as a grouped `nn.Conv`."""
+  dim: int
+  kernel_size: int
+  impl: str
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: jax.Array) -> jax.Array:  # [B, H, W, C]
+    # Replicated (49 weights per channel): sharding its channels would make the partitioner split the
+    # depthwise conv by channel against the batch-sharded input instead of gathering the kernel.
+    kernel = self.param("kernel", logical_init(nn.initializers.lecun_normal(), ("conv_spatial", None, None, None)),
+                        (self.kernel_size, self.kernel_size, 1, self.dim), self.param_dtype)
+    bias = self.param("bias", logical_init(nn.initializers.zeros, ("norm",)), (self.dim,), self.param_dtype)
+    out = depthwise_conv(features.astype(self.dtype), kernel.astype(self.dtype),
+                         resolve_depthwise_impl(self.impl))
+    return out + bias.astype(self.dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class ConvNextConfig:
   """The `model.convnext` section: `ConvNextConfig(**cfg.model.convnext.to_dict())`."""
@@ -32,6 +84,8 @@ class ConvNextConfig:
   dims: Sequence[int]
   layer_norm_eps: float = 1e-6
   layer_scale_init: float = 1e-6
+  # How the 7×7 depthwise convolution runs: "auto" (DEPTHWISE_BY_BACKEND), "shifted" or "grouped".
+  depthwise_impl: str = "auto"
 
   def __post_init__(self):
     object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
@@ -39,6 +93,9 @@ class ConvNextConfig:
     if len(self.depths) != NUM_STAGES or len(self.dims) != NUM_STAGES:
       raise ValueError(f"ConvNextConfig: depths {self.depths} and dims {self.dims} must each have {NUM_STAGES} "
                        f"entries (one per stage)")
+    if self.depthwise_impl not in ("auto",) + DEPTHWISE_IMPLS:
+      raise ValueError(f"ConvNextConfig: depthwise_impl must be 'auto' or one of {DEPTHWISE_IMPLS}, got "
+                       f"{self.depthwise_impl!r}")
     if self.image_size % TOTAL_STRIDE:
       raise ValueError(f"ConvNextConfig: image_size {self.image_size} is not divisible by {TOTAL_STRIDE}")
 
@@ -69,13 +126,8 @@ class ConvNextBlock(nn.Module):
   @nn.compact
   def __call__(self, features: jax.Array) -> jax.Array:  # [B, H, W, C]
     cfg = self.config
-    hidden = nn.Conv(
-        self.dim, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=self.dim, dtype=self.dtype,
-        param_dtype=self.param_dtype, name="dwconv",
-        # Replicated (49 weights per channel): sharding its channels would make the partitioner split the
-        # depthwise conv by channel against the batch-sharded input instead of gathering the kernel.
-        kernel_init=logical_init(nn.initializers.lecun_normal(), ("conv_spatial", None, None, None)),
-        bias_init=logical_init(nn.initializers.zeros, ("norm",)))(features)  # [B, H, W, C]
+    hidden = DepthwiseConv(self.dim, 7, cfg.depthwise_impl, self.dtype, self.param_dtype,
+                           name="dwconv")(features)  # [B, H, W, C]
     hidden = _layer_norm(cfg, self.dtype, self.param_dtype, "norm")(hidden)
     hidden = nn.Dense(4 * self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="pwconv1",
                       kernel_init=logical_init(nn.initializers.lecun_normal(), ("embed", "mlp")),

@@ -32,7 +32,7 @@ def example_batch(cfg: UniRESConfig, batch_size: int, seq_len: int | None = None
     wh = rng.uniform(s_high * 0.1, s_high * 0.4, size=(batch_size, n, 2))
     return np.concatenate([xy0, np.minimum(xy0 + wh, s_high)], -1).astype(np.float32)
 
-  object_box_mask = np.arange(n_obj)[None, :] < rng.integers(1, n_obj + 1, size=(batch_size, 1))
+  object_box_mask = np.arange(n_obj)[None, :] < rng.integers(min(1, n_obj), n_obj + 1, size=(batch_size, 1))
   part_box_mask = np.arange(n_part)[None, :] < rng.integers(0, n_part + 1, size=(batch_size, 1))
 
   # Ids 0..9 stand for pad/bos/eos and the special tokens; text ids are drawn above them.

@@ -38,6 +38,9 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 }
 
 HIDDEN_AXES = ("activation_batch", "activation_length", "activation_embed")
+# Attention kernels selectable by config: "xla" and "cudnn" go through `jax.nn.dot_product_attention` (cuDNN's
+# fused attention on GPU), "einsum" is the plain scores/softmax/values formulation kept as the reference.
+ATTENTION_IMPLS = ("xla", "cudnn", "einsum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +59,7 @@ class LlamaConfig:
   max_seq_len: int = 2048
   scan_layers: bool = True
   remat_policy: str = "nothing_saveable"
+  attention_impl: str = "xla"
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
@@ -72,6 +76,9 @@ class LlamaConfig:
       raise ValueError(f"LlamaConfig.rope_theta must be > 0, got {self.rope_theta!r}")
     if not self.rms_norm_eps > 0:
       raise ValueError(f"LlamaConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"LlamaConfig.attention_impl {self.attention_impl!r} is unknown; expected one of "
+                       f"{ATTENTION_IMPLS}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"LlamaConfig.remat_policy {self.remat_policy!r} is unknown; expected one of "
                        f"{sorted(REMAT_POLICIES)}")
@@ -144,6 +151,26 @@ class Projection(nn.Module):
     return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
 
 
+def attend(query: jax.Array, key: jax.Array, value: jax.Array, allowed: jax.Array, impl: str,
+           dtype: Dtype) -> jax.Array:
+  """Masked grouped-query attention: query [B, L, H, Dh], key/value [B, S, KVH, Dh], allowed [B, L, S] → [B, L, H, Dh].
+
+  A fully masked row (a query on leading padding) attends uniformly to every key instead of producing NaN, in every
+  implementation (finite fill before the softmax).
+  """
+  kv_heads, head_dim = key.shape[2], key.shape[3]
+  if impl == "einsum":
+    grouped = rearrange(query, "b l (k g) d -> b l k g d", k=kv_heads)
+    scores = jnp.einsum("blkgd,bskd->bkgls", grouped, key, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(head_dim)
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # [B, KVH, G, L, S]
+    attended = jnp.einsum("bkgls,bskd->blkgd", probs, value.astype(dtype))
+    return rearrange(attended, "b l k g d -> b l (k g) d")
+  return jax.nn.dot_product_attention(query.astype(dtype), key.astype(dtype), value.astype(dtype),
+                                      mask=allowed[:, None], implementation=impl)  # mask [B, 1, L, S]
+
+
 class Attention(nn.Module):
   """Grouped-query self-attention with rotary positions and an optional KV cache (collection 'cache')."""
   config: LlamaConfig
@@ -204,14 +231,7 @@ class Attention(nn.Module):
     key_slots = jnp.arange(key.shape[1])  # [S]
     allowed = (key_slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]  # [B, L, S]
 
-    query = rearrange(query, "b l (k g) d -> b l k g d", k=kv_heads)
-    scores = jnp.einsum("blkgd,bskd->bkgls", query, key, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(head_dim)
-    # A finite fill keeps fully masked rows (queries on leading padding) finite instead of NaN.
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [B, KVH, G, L, S]
-    attended = jnp.einsum("bkgls,bskd->blkgd", probs, value.astype(self.dtype))
-    attended = rearrange(attended, "b l k g d -> b l (k g) d")  # [B, L, H, Dh]
+    attended = attend(query, key, value, allowed, cfg.attention_impl, self.dtype)  # [B, L, H, Dh]
     attended = with_logical_constraint(attended, ("activation_batch", "activation_length", "activation_heads", None))
     return self._project("blnk,nkd->bld", (heads, head_dim, embed), ("heads", "head_dim", "embed"), (0, 1),
                          "o_proj")(attended)

@@ -11,6 +11,10 @@ result is a second sparse prompt token for the SAM-style decoder beside the `[SE
 features for the decoder come from a ConvNeXt stage through a SAM-style neck (1×1 conv, LN, 3×3 conv, LN), or,
 with `model.dense_source = "sam_vit"`, from SAM's ViT encoder on `image_high` (its own neck already ends in
 `out_channels`, fed to the decoder as is when that equals the decoder width, else through a 1×1 projection).
+
+LISA is this model with parts switched off (`configs/lisa.py`): `model.dynamic_query = False` (the `[SEG]` prompt is
+the only sparse prompt; no visual key projection, no dynamic query), no object or part slots and the SAM ViT dense
+source, so the ConvNeXt is not built (`UniRESConfig.uses_convnext`); its `image_size` still sets the high-res canvas.
 """
 
 from __future__ import annotations
@@ -49,6 +53,12 @@ class UniRESConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   sam_vit: SamVitConfig | None = None  # model.sam_vit; used when dense_source == "sam_vit"
+  dynamic_query: bool = True  # False: the [SEG] prompt alone is the sparse prompt (LISA)
+
+  @property
+  def uses_convnext(self) -> bool:
+    """The high-res ConvNeXt feeds the region tokens and/or the dense features; without either it is not built."""
+    return self.vision_flow.uses_region_tokens or self.dense_source == "convnext"
 
   @property
   def num_image_tokens(self) -> int:
@@ -81,7 +91,7 @@ class UniRESConfig:
     """From the `model` ConfigDict section; unknown or missing keys fail with their names."""
     cfg = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
     known = {"size", "vit", "convnext", "vision_flow", "llm", "mask_decoder", "dense_source", "dense_feature_stage",
-             "dtype", "param_dtype", "sam_vit"}
+             "dtype", "param_dtype", "sam_vit", "dynamic_query"}
     unknown = sorted(set(cfg) - known)
     if unknown:
       raise KeyError(f"model config: unknown key(s) {unknown}; expected some of {sorted(known)}")
@@ -115,6 +125,7 @@ class UniRESConfig:
         raise ValueError(f"model.sam_vit.image_size {built['sam_vit'].image_size} must equal "
                          f"model.convnext.image_size {built['convnext'].image_size}: the SAM encoder reads image_high")
     return cls(dense_source=cfg.get("dense_source", "convnext"), dense_feature_stage=stage,
+               dynamic_query=bool(cfg.get("dynamic_query", True)),
                dtype=cfg.get("dtype", "float32"), param_dtype=cfg.get("param_dtype", "float32"), **built)
 
 
@@ -203,18 +214,19 @@ class UniRES(nn.Module):
     dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     decoder_dim = cfg.mask_decoder.transformer_dim
     self.vision_low = ClipVisionTransformer(cfg.vit, dtype=dtype, param_dtype=param_dtype)
-    self.vision_high = ConvNeXt(cfg.convnext, dtype=dtype, param_dtype=param_dtype)
+    if cfg.uses_convnext:
+      self.vision_high = ConvNeXt(cfg.convnext, dtype=dtype, param_dtype=param_dtype)
     self.vision_flow = MultiGranularityVisionFlow(cfg.vision_flow, llm_width=cfg.llm.hidden_size, dtype=dtype,
                                                   param_dtype=param_dtype)
     self.llm = Llama(cfg.llm, dtype=dtype, param_dtype=param_dtype)
     self.seg_head = SegHead(cfg.llm.hidden_size, decoder_dim, dtype=dtype, param_dtype=param_dtype)
-    self.visual_key_proj = logical_dense(decoder_dim, ("embed", "mlp"), dtype=dtype, param_dtype=param_dtype)
-    self.dynamic_query = nn.MultiHeadDotProductAttention(
-        num_heads=cfg.mask_decoder.num_heads, qkv_features=decoder_dim, out_features=decoder_dim, dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=logical_init(nn.initializers.lecun_normal(), ("embed", "heads", "head_dim")),
-        out_kernel_init=logical_init(nn.initializers.lecun_normal(),
-                                                     ("heads", "head_dim", "embed")))
+    if cfg.dynamic_query:
+      self.visual_key_proj = logical_dense(decoder_dim, ("embed", "mlp"), dtype=dtype, param_dtype=param_dtype)
+      self.dynamic_query = nn.MultiHeadDotProductAttention(
+          num_heads=cfg.mask_decoder.num_heads, qkv_features=decoder_dim, out_features=decoder_dim, dtype=dtype,
+          param_dtype=param_dtype,
+          kernel_init=logical_init(nn.initializers.lecun_normal(), ("embed", "heads", "head_dim")),
+          out_kernel_init=logical_init(nn.initializers.lecun_normal(), ("heads", "head_dim", "embed")))
     if cfg.dense_source == "sam_vit":
       self.sam_vit = SamVisionEncoder(cfg.sam_vit, dtype=dtype, param_dtype=param_dtype)
       if cfg.sam_vit.out_channels != decoder_dim:
@@ -235,7 +247,7 @@ class UniRES(nn.Module):
       raise ValueError(f"image_low has spatial size {batch['image_low'].shape[1:3]}, the config expects "
                        f"{cfg.vit.image_size}×{cfg.vit.image_size} (model.vit.image_size)")
     image_features = self.vision_low(batch["image_low"])  # [B, Ni, Dv]
-    high_res_features = self.vision_high(image_high)  # 4 × [B, h, w, C]
+    high_res_features = self.vision_high(image_high) if cfg.uses_convnext else None  # 4 × [B, h, w, C]
     groups = self.vision_flow(image_features, high_res_features, batch["object_boxes"], batch["object_box_mask"],
                               batch["part_boxes"], batch["part_box_mask"], canvas_size=cfg.high_res_size)
     if cfg.dense_source == "sam_vit":
@@ -265,10 +277,12 @@ class UniRES(nn.Module):
   def decode_masks(self, seg_hidden, sequence_hidden, token_type, attention_mask, dense):
     """seg_hidden [B, D] → mask logits on the S_h canvas [B, S_h, S_h] and IoU prediction [B]."""
     seg_prompt = self.seg_head(seg_hidden)[:, None, :]  # [B, 1, Cd]
-    visual_keys = self.visual_key_proj(sequence_hidden)  # [B, L, Cd]
-    is_visual = (token_type > TOKEN_TEXT) & attention_mask  # [B, L]
-    dynamic_prompt = self.dynamic_query(seg_prompt, visual_keys, mask=is_visual[:, None, None, :])  # [B, 1, Cd]
-    sparse = jnp.concatenate([seg_prompt, dynamic_prompt], axis=1)  # [B, 2, Cd]
+    sparse = seg_prompt
+    if self.config.dynamic_query:
+      visual_keys = self.visual_key_proj(sequence_hidden)  # [B, L, Cd]
+      is_visual = (token_type > TOKEN_TEXT) & attention_mask  # [B, L]
+      dynamic_prompt = self.dynamic_query(seg_prompt, visual_keys, mask=is_visual[:, None, None, :])  # [B, 1, Cd]
+      sparse = jnp.concatenate([seg_prompt, dynamic_prompt], axis=1)  # [B, 2, Cd]
     masks, iou_pred = self.mask_decoder(dense, sparse, multimask_output=False)  # [B, 1, 4h, 4w], [B, 1]
     size = self.config.high_res_size
     mask_logits = jax.image.resize(masks[:, 0].astype(jnp.float32), (masks.shape[0], size, size), "bilinear")

@@ -7,6 +7,10 @@ width and a learned granularity embedding, so the LLM can tell the groups apart 
 [interpretation] A region token is the average of its ROI-Aligned `roi_output_size²` grid concatenated with the
 box's normalised coordinates `(x0, y0, x1, y1, w, h) / S_h`, so position ("the left one") survives pooling.
 Padded boxes (mask False) give zero tokens; their slots are also masked out of attention.
+
+LISA's variant (`configs/lisa.py`): `projector = "linear"` (LLaVA-1's single Linear), no granularity embedding,
+and `max_object_boxes = max_part_boxes = 0`, which removes the region groups, their projectors and the need for
+high-res features altogether (the groups come back as `[B, 0, D]`).
 """
 
 from __future__ import annotations
@@ -32,14 +36,26 @@ class VisionFlowConfig:
   roi_output_size: int
   sampling_ratio: int
   roi_feature_stage: int
+  projector: str = "mlp2x_gelu"  # a key of PROJECTORS
+  granularity_embedding: bool = True
 
   def __post_init__(self):
-    for name in ("max_object_boxes", "max_part_boxes", "roi_output_size", "sampling_ratio"):
+    for name in ("roi_output_size", "sampling_ratio"):
       if getattr(self, name) <= 0:
         raise ValueError(f"model.vision_flow.{name} must be positive, got {getattr(self, name)}")
+    for name in ("max_object_boxes", "max_part_boxes"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"model.vision_flow.{name} must be >= 0 (0: no such slots), got {getattr(self, name)}")
+    if self.projector not in PROJECTORS:
+      raise ValueError(f"model.vision_flow.projector {self.projector!r}: expected one of {sorted(PROJECTORS)}")
     if not 0 <= self.roi_feature_stage <= 3:
       raise ValueError(f"model.vision_flow.roi_feature_stage must be a ConvNeXt stage 0..3, "
                        f"got {self.roi_feature_stage}")
+
+  @property
+  def uses_region_tokens(self) -> bool:
+    """Whether object or part slots exist (and so ROI features from the high-res encoder are needed)."""
+    return self.max_object_boxes > 0 or self.max_part_boxes > 0
 
 
 class Projector(nn.Module):
@@ -53,6 +69,20 @@ class Projector(nn.Module):
     x = logical_dense(self.out_features, ("embed", "mlp"), "fc1", self.dtype, self.param_dtype)(x)
     x = nn.gelu(x, approximate=False)
     return logical_dense(self.out_features, ("mlp", "embed"), "fc2", self.dtype, self.param_dtype)(x)
+
+
+class LinearProjector(nn.Module):
+  """One Linear into the LLM width (LLaVA-1's and LISA's `mm_projector`)."""
+  out_features: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return logical_dense(self.out_features, ("embed", "mlp"), "fc", self.dtype, self.param_dtype)(x)
+
+
+PROJECTORS = {"mlp2x_gelu": Projector, "linear": LinearProjector}
 
 
 class MultiGranularityVisionFlow(nn.Module):
@@ -79,31 +109,41 @@ class MultiGranularityVisionFlow(nn.Module):
     return tokens * box_mask[..., None].astype(self.dtype)
 
   @nn.compact
-  def __call__(self, image_features, high_res_features: Sequence[jnp.ndarray], object_boxes, object_box_mask,
+  def __call__(self, image_features, high_res_features: Sequence[jnp.ndarray] | None, object_boxes, object_box_mask,
                part_boxes, part_box_mask, canvas_size: int) -> dict[str, jnp.ndarray]:
-    """image_features [B, Ni, Dv]; high_res_features: ConvNeXt stages [B, h, w, C]; boxes on the S_h canvas.
+    """image_features [B, Ni, Dv]; high_res_features: ConvNeXt stages [B, h, w, C] (None without region slots);
+    boxes on the S_h canvas.
 
     Returns {'image': [B, Ni, D], 'object': [B, No, D], 'part': [B, Np, D]}.
     """
     cfg = self.config
-    stage_features = high_res_features[cfg.roi_feature_stage]
-    granularity_embedding = self.param(
-        "granularity_embedding",
-        logical_init(nn.initializers.normal(0.02), (None, "embed")),
-        (len(GRANULARITIES), self.llm_width), self.param_dtype).astype(self.dtype)
+    batch = image_features.shape[0]
+    embedding = None
+    if cfg.granularity_embedding:
+      embedding = self.param(
+          "granularity_embedding",
+          logical_init(nn.initializers.normal(0.02), (None, "embed")),
+          (len(GRANULARITIES), self.llm_width), self.param_dtype).astype(self.dtype)
 
-    tokens = {
-        "image": image_features.astype(self.dtype),
-        "object": self.region_tokens(stage_features, object_boxes, object_box_mask, canvas_size,
-                                     cfg.max_object_boxes, "object"),
-        "part": self.region_tokens(stage_features, part_boxes, part_box_mask, canvas_size,
-                                   cfg.max_part_boxes, "part"),
-    }
+    tokens = {"image": image_features.astype(self.dtype)}
     masks = {"image": None, "object": object_box_mask, "part": part_box_mask}
+    if cfg.uses_region_tokens:
+      if high_res_features is None:
+        raise ValueError("vision flow: object/part slots are configured but no high-res features were given")
+      stage_features = high_res_features[cfg.roi_feature_stage]
+      tokens["object"] = self.region_tokens(stage_features, object_boxes, object_box_mask, canvas_size,
+                                            cfg.max_object_boxes, "object")
+      tokens["part"] = self.region_tokens(stage_features, part_boxes, part_box_mask, canvas_size,
+                                          cfg.max_part_boxes, "part")
+    projector_cls = PROJECTORS[cfg.projector]
     out = {}
     for index, name in enumerate(GRANULARITIES):
-      projected = Projector(self.llm_width, self.dtype, self.param_dtype, name=f"{name}_projector")(tokens[name])
-      projected = projected + granularity_embedding[index]
+      if name not in tokens:
+        out[name] = jnp.zeros((batch, 0, self.llm_width), self.dtype)  # no slots of this granularity
+        continue
+      projected = projector_cls(self.llm_width, self.dtype, self.param_dtype, name=f"{name}_projector")(tokens[name])
+      if embedding is not None:
+        projected = projected + embedding[index]
       if masks[name] is not None:
         projected = projected * masks[name][..., None].astype(self.dtype)
       out[name] = nn.with_logical_constraint(projected, ("activation_batch", "activation_length", "activation_embed"))

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
+from unires_jax.data import records
 from unires_jax.proposals.base import SOURCES, ImageInput, ImageProposals, empty_proposals
 
 
@@ -22,7 +23,7 @@ class AnnotationBoxes:
     del config
 
   def describe(self) -> str:
-    return "annotations (ground-truth boxes)"
+    return records.GT_BOXES_SOURCE
 
   def __call__(self, images: Sequence[ImageInput]) -> list[ImageProposals]:
     out = []
@@ -42,7 +43,7 @@ class NoBoxes:
     del config
 
   def describe(self) -> str:
-    return "none (no boxes)"
+    return records.NO_BOXES_SOURCE
 
   def __call__(self, images: Sequence[ImageInput]) -> list[ImageProposals]:
     return [empty_proposals() for _ in images]
