@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import configs.toy as toy_config
-from unires_jax.data import pipeline, synthetic
+from unires_jax.data import pipeline, readers, records, synthetic
 from unires_jax.data import tokenizer as tokenizer_lib
 from unires_jax.demo import answer, examples, inputs, session
 from unires_jax.demo.app import DemoPage
@@ -75,7 +75,6 @@ def budget(tmp_path_factory):
   """The toy run's prompt budget with a toy tokenizer trained on a small synthetic set."""
   root = tmp_path_factory.mktemp("budget")
   data_dir = synthetic.ensure_synthetic(str(root / "synthetic"), num_images=4)
-  from unires_jax.data import readers, records
   split_dir = str(root / "prepared")
   records.write_split(readers.DATASETS.lookup("synthetic_cris")(data_dir, "train"), split_dir, num_shards=1)
   config = toy_config.get_config("quick")
@@ -263,3 +262,14 @@ def test_a_single_word_longer_than_the_budget_is_cut_to_its_leading_characters(b
   assert word.startswith(fitted.text) and 0 < len(fitted.text) < len(word)
   assert budget.prompt_length(fitted.text) <= budget.layout.max_text_len
   assert f"the first {len(fitted.text)} characters of its first word" in fitted.note
+
+
+def test_demo_script_arguments_are_checked(tmp_path):
+  from scripts import demo as demo_script
+
+  with pytest.raises(FileNotFoundError, match="--checkpoint .*nowhere.* does not exist"):
+    demo_script.parse_args(["--checkpoint", str(tmp_path / "nowhere")])
+  with pytest.raises(ValueError, match="--max_image_side must be at least 32"):
+    demo_script.parse_args(["--checkpoint", str(tmp_path), "--max_image_side", "8"])
+  args = demo_script.parse_args(["--checkpoint", str(tmp_path), "--port", "7999"])
+  assert (args.host, args.port, args.step, args.max_image_side) == ("127.0.0.1", 7999, None, 2048)
