@@ -30,13 +30,14 @@ from configs import common  # noqa: E402
 from unires_jax import perf, sharding  # noqa: E402
 from unires_jax.models.example_batch import example_batch  # noqa: E402
 from unires_jax.models.unires import UniRESConfig  # noqa: E402
+from unires_jax.train import lora as lora_lib  # noqa: E402
 from unires_jax.train import optimizer as optimizer_lib  # noqa: E402
 from unires_jax.train import partition  # noqa: E402
 from unires_jax.train import state as state_lib  # noqa: E402
 from unires_jax.train import step as step_lib  # noqa: E402
 
 LOSS_WEIGHTS = dict(ce=1.0, bce=2.0, dice=0.5)
-DEFAULT_BATCH_SIZES = {"tiny": 8, "small": 2, "1b": 8}
+DEFAULT_BATCH_SIZES = {"tiny": 8, "small": 2, "1b": 8, "7b": 8}
 
 
 def optim_config(total_steps: int = 1000) -> ml_collections.ConfigDict:
@@ -52,7 +53,9 @@ class Setup:
   the training loop does (then each call must be given the state the previous one returned)."""
 
   def __init__(self, model_cfg: ml_collections.ConfigDict, batch_size: int, seed: int = 0,
-               materialize: bool = True, donate_state: bool = False):
+               materialize: bool = True, donate_state: bool = False,
+               train_cfg: ml_collections.ConfigDict | None = None):
+    """`train_cfg` (a config's `train` section) adds its trainable/frozen patterns and LoRA, as training does."""
     self.model_cfg = model_cfg
     self.batch_size = batch_size
     self.mesh = sharding.make_mesh(common.mesh_config(data=-1))
@@ -60,30 +63,35 @@ class Setup:
     self.rules = sharding.rules_from_config(common.sharding_rules())
     self.model = state_lib.build_model(model_cfg)
     batch = example_batch(UniRESConfig.from_config(model_cfg), batch_size, seed=seed)
-    abstract = state_lib.abstract_train_state(self.model, batch)
+    trainable, frozen, extra_params_fn, params_transform = recipe_parts(train_cfg)
+    abstract = state_lib.abstract_train_state(self.model, batch, None, trainable, frozen, extra_params_fn)
     abstract_params = nn.meta.unbox(abstract.params)
-    self.mask = partition.trainable_mask(abstract_params)
+    self.mask = partition.trainable_mask(abstract_params, trainable, frozen)
     self.optimizer, schedule = optimizer_lib.make_optimizer(optim_config(), partition.split(abstract_params,
                                                                                                self.mask)[0])
     batch_sharding = state_lib.batch_shardings(batch, self.mesh)
     if materialize:
       self.state, self.state_shardings = state_lib.create_sharded_state(
-          self.model, batch, self.mesh, self.rules, jax.random.key(seed), self.optimizer)
+          self.model, batch, self.mesh, self.rules, jax.random.key(seed), self.optimizer, trainable, frozen,
+          extra_params_fn)
       self.batch = {k: jax.device_put(v, batch_sharding[k]) for k, v in batch.items()}
     else:  # shapes and shardings only: enough to lower and compile, nothing allocated or initialised
-      abstract = state_lib.abstract_train_state(self.model, batch, self.optimizer)
+      abstract = state_lib.abstract_train_state(self.model, batch, self.optimizer, trainable, frozen,
+                                                extra_params_fn)
       self.state_shardings = nn.meta.unbox(sharding.logical_to_shardings(abstract, self.mesh, self.rules))
       self.state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 nn.meta.unbox(abstract), self.state_shardings)
       self.batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding[k]) for k, v in batch.items()}
     self.param_count = partition.count(self.state.params)
+    self.trainable_count = partition.count(partition.split(self.state.params, self.mask)[0])
     self.rng = jax.random.key(seed + 1)
     replicated = NamedSharding(self.mesh, P())
-    train_step = step_lib.make_train_step(self.model, self.optimizer, self.mask, LOSS_WEIGHTS, schedule)
+    train_step = step_lib.make_train_step(self.model, self.optimizer, self.mask, LOSS_WEIGHTS, schedule,
+                                          params_transform)
     model = self.model
 
     def forward(params, batch):
-      return model.apply({"params": params}, batch, train=False)
+      return model.apply({"params": params_transform(params)}, batch, train=False)
 
     self.forward = jax.jit(forward, in_shardings=(self.state_shardings.params, batch_sharding))
     self.train_step = jax.jit(train_step, in_shardings=(self.state_shardings, batch_sharding, replicated),
@@ -105,6 +113,23 @@ class Setup:
       start = time.perf_counter()
       compiled = self.train_step.lower(self.state, self.batch, self.rng).compile()
     return compiled, time.perf_counter() - start
+
+
+def recipe_parts(train_cfg: ml_collections.ConfigDict | None) -> tuple:
+  """(trainable, frozen, extra_params_fn, params_transform) of a config's `train` section: everything trained and
+  no LoRA when None; otherwise its patterns and, when `lora.enabled`, LoRA factors merged before every forward."""
+  if train_cfg is None:
+    return (".*",), (), None, lambda p: p
+  trainable, frozen = tuple(train_cfg.trainable), tuple(train_cfg.frozen)
+  lora_cfg = train_cfg.lora
+  if not lora_cfg.enabled:
+    return trainable, frozen, None, lambda p: p
+  targets, rank = [tuple(t) for t in lora_cfg.targets], int(lora_cfg.rank)
+
+  def extra(params, rng):
+    return {lora_lib.LORA_KEY: lora_lib.init_lora(params, rng, targets, rank, tuple(lora_cfg.stacked_prefixes))}
+
+  return trainable, frozen, extra, lambda p: lora_lib.merge_lora(p, float(lora_cfg.alpha), rank)
 
 
 class _Both:

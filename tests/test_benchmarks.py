@@ -56,3 +56,22 @@ def test_benchmark_train_tiny(tmp_path):
 def test_benchmark_train_refuses_a_missing_device(tmp_path):
   with pytest.raises(RuntimeError, match="--device gpu"):
     benchmark_train.main(["--out", str(tmp_path / "x.json"), "--size", "1b", "--device", "gpu"])
+
+
+def test_benchmark_train_refuses_a_device_kind_it_was_not_promised(tmp_path):
+  with pytest.raises(RuntimeError, match="--expect-device 'H200'"):
+    benchmark_train.main(["--out", str(tmp_path / "x.json"), "--size", "tiny", "--expect-device", "H200"])
+
+
+@pytest.mark.slow
+def test_benchmark_train_recipe_trains_lora_only_and_reports_tokens(tmp_path):
+  """The full recipe on the tiny size: frozen encoders and LLM, LoRA factors trained, the report's new fields."""
+  out = tmp_path / "train.json"
+  benchmark_train.main(["--out", str(out), "--size", "tiny", "--steps", "1", "--recipe", "unires_7b",
+                        "--expect-device", "cpu"])
+  (tiny,) = json.loads(out.read_text())["sizes"]
+  assert tiny["recipe"] == "configs/unires_7b.py" and tiny["remat_policy"] == "nothing_saveable"
+  assert 0 < tiny["trainable_count"] < tiny["param_count"]
+  assert tiny["tokens_per_s"] == pytest.approx(tiny["batch_size"] * tiny["seq_len"] / tiny["step_s"])
+  assert "peak_device_memory_bytes" in tiny  # None on CPU, bytes where the backend keeps memory stats
+  assert math.isfinite(tiny["final_loss"])

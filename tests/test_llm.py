@@ -287,6 +287,7 @@ def test_config_from_common_sizes():
     (dict(num_kv_heads=8), "multiple of num_kv_heads"),
     (dict(head_dim=5), "head_dim must be even"),
     (dict(remat_policy="save_everything_please"), "remat_policy 'save_everything_please' is unknown"),
+    (dict(decode_layers="loop"), "decode_layers 'loop' is unknown"),
     (dict(num_layers=0), "num_layers must be a positive int"),
     (dict(rope_theta=0.0), "rope_theta must be > 0"),
 ])
@@ -337,3 +338,38 @@ def test_attention_implementations_agree_with_padding_gqa_and_empty_rows():
   np.testing.assert_allclose(logits["xla"], logits["einsum"], atol=1e-5, rtol=0)
   with pytest.raises(ValueError, match="attention_impl"):
     dataclasses.replace(CFG, attention_impl="splash")
+
+
+def _greedy_decode(cfg, params, prompts, prompt_mask, steps):
+  model = llm.Llama(cfg)
+  return jax.device_get(jax.jit(lambda p: llm.greedy_generate(model, p, prompts, prompt_mask, steps))(params))
+
+
+def test_unstacked_decode_equals_scanned_decode():
+  """The per-layer decode path (weights sliced once by `with_decode_layers`) gives the scan path's tokens and logits."""
+  cfg = dataclasses.replace(CFG, num_layers=3, max_seq_len=20)
+  params = _init(cfg, seed=3)
+  prompts = jnp.asarray(_tokens(8, (2, 7)))
+  prompt_mask = jnp.asarray(np.arange(7)[None] < np.array([[4], [7]]))
+  tokens, logits = _greedy_decode(cfg, params, prompts, prompt_mask, steps=6)
+  scan_tokens, scan_logits = _greedy_decode(dataclasses.replace(cfg, decode_layers="scan"), params, prompts,
+                                            prompt_mask, steps=6)
+  np.testing.assert_array_equal(tokens, scan_tokens)
+  np.testing.assert_allclose(logits, scan_logits, atol=1e-5)
+  assert len(set(tokens.ravel().tolist())) > 1  # a constant answer would not show a wrong layer order
+  # And both equal the full forward over prompt + generated tokens (greedy choice at every step).
+  for row, length in enumerate((4, 7)):
+    sequence = np.concatenate([np.asarray(prompts)[row, :length], tokens[row]])[None]
+    full = np.asarray(_logits(cfg, params, sequence, np.ones_like(sequence, bool)))[0]
+    np.testing.assert_allclose(logits[row], full[length - 1:-1], atol=1e-5)
+
+
+def test_with_decode_layers_slices_each_layer_and_leaves_other_layouts_alone():
+  params = _init(CFG)
+  prepared = llm.with_decode_layers(params, CFG)
+  assert len(prepared[llm.DECODE_LAYERS_KEY]) == CFG.num_layers
+  for i, layer in enumerate(prepared[llm.DECODE_LAYERS_KEY]):
+    np.testing.assert_array_equal(layer["mlp"]["up_proj"]["kernel"], params["layers"]["mlp"]["up_proj"]["kernel"][i])
+  assert llm.with_decode_layers(params, dataclasses.replace(CFG, decode_layers="scan")) is params
+  with pytest.raises(KeyError, match="stacked 'layers'"):
+    llm.with_decode_layers({"norm": params["norm"]}, CFG)

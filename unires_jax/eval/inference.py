@@ -28,7 +28,7 @@ from unires_jax.data import pipeline
 from unires_jax.data import records as records_lib
 from unires_jax.data import tokenizer as tokenizer_lib
 from unires_jax.data import transforms
-from unires_jax.models.llm import Llama, init_cache
+from unires_jax.models.llm import Llama, init_cache, with_decode_layers
 from unires_jax.models.unires import DTYPES, UniRES
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ def make_generate_fn(model: UniRES, seg_id: int, eos_id: int, pad_id: int, max_n
 
   def generate(params, batch):
     params = params_transform(params)
+    params = {**params, "llm": with_decode_layers(params["llm"], cfg.llm)}  # per-layer weights, sliced once
     batch_size, seq_len = batch["input_ids"].shape
     if seq_len + max_new_tokens > cfg.llm.max_seq_len:
       raise ValueError(f"prompt length {seq_len} + max_new_tokens {max_new_tokens} exceeds the KV cache "

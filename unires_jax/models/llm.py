@@ -16,6 +16,7 @@ padded slots stay masked for the rest of the sequence.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -41,6 +42,12 @@ HIDDEN_AXES = ("activation_batch", "activation_length", "activation_embed")
 # Attention kernels selectable by config: "xla" and "cudnn" go through `jax.nn.dot_product_attention` (cuDNN's
 # fused attention on GPU), "einsum" is the plain scores/softmax/values formulation kept as the reference.
 ATTENTION_IMPLS = ("xla", "cudnn", "einsum")
+# How `decode=True` calls run stacked (`scan_layers`) layers: "unstacked" is a Python loop over per-layer params
+# (`with_decode_layers`), "scan" is the training path's `nn.scan` (it copies every layer's weights out of the stack
+# at every decoded token on CPU, where XLA cannot read a slice in place).
+DECODE_LAYERS = ("unstacked", "scan")
+# Key of the per-layer params `with_decode_layers` adds next to the stacked `layers` (and of the per-layer cache).
+DECODE_LAYERS_KEY = "decode_layers"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +67,7 @@ class LlamaConfig:
   scan_layers: bool = True
   remat_policy: str = "nothing_saveable"
   attention_impl: str = "xla"
+  decode_layers: str = "unstacked"
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
@@ -79,6 +87,9 @@ class LlamaConfig:
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"LlamaConfig.attention_impl {self.attention_impl!r} is unknown; expected one of "
                        f"{ATTENTION_IMPLS}")
+    if self.decode_layers not in DECODE_LAYERS:
+      raise ValueError(f"LlamaConfig.decode_layers {self.decode_layers!r} is unknown; expected one of "
+                       f"{DECODE_LAYERS}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"LlamaConfig.remat_policy {self.remat_policy!r} is unknown; expected one of "
                        f"{sorted(REMAT_POLICIES)}")
@@ -363,12 +374,38 @@ class Llama(nn.Module):
     elif positions is None:
       positions = default_positions(attention_mask)
     hidden = with_logical_constraint(input_embeds.astype(self.dtype), HIDDEN_AXES)
-    if self.config.scan_layers:
+    if decode and self.config.scan_layers and self.config.decode_layers == "unstacked":
+      hidden = self._decode_unstacked(hidden, positions, attention_mask)
+    elif self.config.scan_layers:
       hidden, _ = self.layers(hidden, positions, attention_mask, decode)
     else:
       for layer in self.layers:
         hidden, _ = layer(hidden, positions, attention_mask, decode)
     return with_logical_constraint(self.norm(hidden), HIDDEN_AXES)
+
+  def _decode_unstacked(self, hidden: jax.Array, positions: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """The stacked layers as a Python loop, each a `DecoderBlock` applied to its own params and cache.
+
+    Params come from `params/decode_layers` (`with_decode_layers`, sliced once outside the token loop) or, when a
+    caller did not add them, from static slices of the stack (same values; XLA then copies them at every call).
+    The KV cache is per layer (`cache/decode_layers`, a tuple), so no step slices or restacks it either.
+    """
+    cfg = self.config
+    block = DecoderBlock(cfg, dtype=self.dtype, param_dtype=self.param_dtype, parent=None)  # applied functionally
+    if self.is_initializing():
+      self.layers(hidden, positions, attention_mask, False)  # creates the stacked params (and no scan cache)
+    params = nn.meta.unbox(self.variables["params"])
+    layer_params = params.get(DECODE_LAYERS_KEY) or _unstack(params["layers"], cfg.num_layers)
+    initialized = self.has_variable("cache", DECODE_LAYERS_KEY)
+    caches = self.get_variable("cache", DECODE_LAYERS_KEY) if initialized else (None,) * cfg.num_layers
+    new_caches = []
+    for layer, cache in zip(layer_params, caches):
+      variables = {"params": layer} if cache is None else {"params": layer, "cache": cache}
+      (hidden, _), updated = block.apply(variables, hidden, positions, attention_mask, True, mutable=["cache"])
+      new_caches.append(updated["cache"])
+    if initialized or self.is_initializing():
+      self.put_variable("cache", DECODE_LAYERS_KEY, tuple(new_caches))
+    return hidden
 
   def token_logits(self, token_ids: jax.Array, attention_mask: jax.Array, positions: jax.Array | None = None,
                    decode: bool = False) -> jax.Array:
@@ -386,6 +423,25 @@ class Llama(nn.Module):
     return with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
 
+def _unstack(stacked: Any, num_layers: int) -> tuple:
+  """Stacked layer params (leading `layers` axis) → a tuple of per-layer trees."""
+  return tuple(jax.tree.map(lambda leaf, i=i: leaf[i], stacked) for i in range(num_layers))
+
+
+def with_decode_layers(llm_params: Any, config: LlamaConfig) -> Any:
+  """`Llama` params plus per-layer copies of the stacked layers (`decode_layers`) for the unstacked decode path.
+
+  Call it once per generation, outside the token loop (the copies then cost one read of the weights, and the
+  decode steps read each layer's weights in place), and pass the result as the `Llama` params of every
+  `decode=True` call. Unchanged when the layers are not stacked or `config.decode_layers` is "scan".
+  """
+  if not config.scan_layers or config.decode_layers != "unstacked":
+    return llm_params
+  if "layers" not in llm_params:
+    raise KeyError(f"with_decode_layers: the Llama params have no stacked 'layers' (keys {sorted(llm_params)})")
+  return {**llm_params, DECODE_LAYERS_KEY: _unstack(llm_params["layers"], config.num_layers)}
+
+
 def init_cache(model: Llama, batch_size: int) -> Any:
   """An empty KV cache for `batch_size` rows (shapes from `jax.eval_shape`; no parameters are materialised)."""
   cfg = model.config
@@ -396,3 +452,31 @@ def init_cache(model: Llama, batch_size: int) -> Any:
 
   shapes = jax.eval_shape(init, jax.random.key(0))
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def greedy_generate(model: Llama, params: Any, prompt_ids: jax.Array, prompt_mask: jax.Array,
+                    steps: int) -> tuple[jax.Array, jax.Array]:
+  """Greedy decoding with the KV cache: prefill right-padded prompts [B, Lp], then `steps` tokens for all rows.
+
+  Returns the new tokens [B, steps] and the logits that chose them [B, steps, V]. Jit-able (`steps` static); the
+  weights are unstacked once here (`with_decode_layers`), outside the token loop.
+  """
+  cfg = model.config
+  if prompt_ids.shape[1] + steps > cfg.max_seq_len:
+    raise ValueError(f"prompt length {prompt_ids.shape[1]} + {steps} steps exceeds max_seq_len {cfg.max_seq_len}")
+  params = with_decode_layers(params, cfg)
+  call = functools.partial(model.apply, method=Llama.token_logits, mutable=["cache"])
+  logits, variables = call({"params": params, "cache": init_cache(model, prompt_ids.shape[0])}, prompt_ids,
+                           prompt_mask, None, True)  # [B, Lp, V]
+  last = jnp.sum(prompt_mask.astype(jnp.int32), axis=1) - 1  # [B]
+  first_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]  # [B, V]
+
+  def step(carry, _):
+    cache, chosen_logits = carry
+    token = jnp.argmax(chosen_logits, axis=-1).astype(jnp.int32)  # [B]
+    next_logits, updated = call({"params": params, "cache": cache}, token[:, None],
+                                jnp.ones((token.shape[0], 1), jnp.bool_), None, True)
+    return (updated["cache"], next_logits[:, 0]), (token, chosen_logits)
+
+  _, (tokens, chosen) = jax.lax.scan(step, (variables["cache"], first_logits), None, length=steps)
+  return tokens.T, jnp.swapaxes(chosen, 0, 1)
