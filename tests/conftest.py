@@ -1,7 +1,10 @@
-"""Test-wide setup: 8 fake CPU devices, set before JAX initialises its backend."""
+"""Test-wide setup: 8 fake CPU devices, set before JAX initialises its backend; the toy run the checkpoint tests
+share."""
 
 import os
 import sys
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -12,3 +15,24 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_REPO, ".jax_cac
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 # The repository root holds configs/ and scripts/, which tests import.
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+  """A toy run (the quick config without its final evaluation) trained once per test process for every test that
+  loads a checkpoint (scripts/predict.py, the demo). Every third step is kept: step 3 still answers without
+  `[SEG]` (garbage text), the newest (80) answers "Sure, it is [SEG]." with a non-empty mask. Training steps of the
+  tiny model are cheap next to compilation (80 steps cost about the CPU time of 3)."""
+  import configs.toy as toy_config
+  from unires_jax.train import runner
+
+  workdir = str(tmp_path_factory.mktemp("toy_run"))
+  config = toy_config.get_config("quick")
+  config.train.total_steps = 80
+  config.train.checkpoint_every = 3
+  config.train.keep_last = 100
+  config.train.async_checkpoint = False
+  config.evals = {}
+  config.eval_splits = {}
+  runner.run(config, workdir)
+  return workdir

@@ -102,23 +102,7 @@ def test_predict_errors_name_the_missing_image_and_checkpoint(tmp_path):
                          str(tmp_path / "o.png"), "--boxes", '{"object": [[1, 2, 3]]}'])
 
 
-# ----------------------------------------------------------------------------- with a trained checkpoint
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-  """A toy run trained for 3 steps (the quick config without its final evaluation)."""
-  from unires_jax.train import runner
-
-  workdir = str(tmp_path_factory.mktemp("toy_run"))
-  config = toy_config.get_config("quick")
-  config.train.total_steps = 3
-  config.train.checkpoint_every = 3
-  config.train.async_checkpoint = False
-  config.evals = {}
-  config.eval_splits = {}
-  runner.run(config, workdir)
-  return workdir
+# ------------------------------------------- with a trained checkpoint (the `trained_run` fixture, conftest.py)
 
 
 @pytest.mark.slow
@@ -155,8 +139,9 @@ def test_write_predictions_is_complete_and_scores_like_the_evaluator(trained_run
   path = written.predictions
   assert path == str(tmp_path / "eval" / "generation" / "predictions.jsonl")
   assert written.output_dir == str(tmp_path / "eval")
+  step = newest_step(trained_run)
   expected = provenance.MadeWith("none (no boxes)", False, "per_sentence",
-                                 os.path.join(trained_run, "checkpoints", "3"), 3)
+                                 os.path.join(trained_run, "checkpoints", str(step)), step)
   assert written.made_with == expected == provenance.read_sidecar(path)
   # The prepared records carry the source's (empty) proposals, which is all the pipeline reads.
   prepared = records.SplitSource(str(tmp_path / "eval" / "prepared" / "val")).record(0)["proposals"]
@@ -164,7 +149,7 @@ def test_write_predictions_is_complete_and_scores_like_the_evaluator(trained_run
   report = scoring.score_from_config(dict_config(config, predictions=path))
   assert report["made_with"] == expected.to_json()
   assert report["table"].startswith(f"Made with: boxes none (no boxes); one sample per sentence; IoU at the "
-                                    f"original image resolution; checkpoint {expected.checkpoint}, step 3.")
+                                    f"original image resolution; checkpoint {expected.checkpoint}, step {step}.")
   in_loop_report = json.loads((tmp_path / "eval" / "generation" / "metrics.json").read_text())
   answers = in_loop_report["splits"]["val"]["answers"]
   assert sum(answers.values()) == report["splits"]["val"]["coverage"]["samples"]
@@ -183,6 +168,10 @@ def test_write_predictions_is_complete_and_scores_like_the_evaluator(trained_run
   before = os.path.getmtime(stamp)
   inference.write_predictions(config)
   assert os.path.getmtime(stamp) == before
+
+
+def newest_step(run: str) -> int:
+  return max(int(name) for name in os.listdir(os.path.join(run, "checkpoints")) if name.isdigit())
 
 
 def dict_config(config, **overrides):
@@ -219,7 +208,8 @@ def test_export_card_names_the_run(trained_run, exported_run):
     card = f.read()
   with open(os.path.join(trained_run, "config.json")) as f:
     run_config = json.load(f)
-  assert os.path.join(trained_run, "checkpoints", "3", "state") in card and "step 3" in card
+  step = newest_step(trained_run)
+  assert os.path.join(trained_run, "checkpoints", str(step), "state") in card and f"step {step}" in card
   for source in run_config["data"]["sources"]:
     assert source["dir"] in card
   assert '"hidden_size"' in card  # the model config
