@@ -101,3 +101,23 @@ def sam_vit_config_to_hf(cfg: SamVitConfig) -> dict:
               global_attn_indexes=list(cfg.global_attn_indexes), output_channels=cfg.out_channels,
               mlp_dim=cfg.mlp_dim, layer_norm_eps=cfg.layer_norm_eps, hidden_act="gelu", qkv_bias=True,
               use_abs_pos=True, use_rel_pos=True, attention_dropout=0.0)
+
+
+def sam_vit_config_from_hf(vision_config: Mapping) -> SamVitConfig:
+  """`SamConfig.vision_config` (its `to_dict()` / config.json entry) → `SamVitConfig` (the inverse of
+  `sam_vit_config_to_hf`); variants this encoder does not implement are refused, naming the setting."""
+  for key, want in (("qkv_bias", True), ("use_abs_pos", True), ("use_rel_pos", True), ("hidden_act", "gelu")):
+    if key in vision_config and vision_config[key] != want:
+      raise ValueError(f"SAM vision config: {key}={vision_config[key]!r} is not supported (expected {want!r})")
+  try:
+    width = int(vision_config["hidden_size"])
+    mlp_dim = vision_config.get("mlp_dim") or int(width * float(vision_config.get("mlp_ratio", 4.0)))
+    return SamVitConfig(image_size=int(vision_config["image_size"]), patch_size=int(vision_config["patch_size"]),
+                        width=width, depth=int(vision_config["num_hidden_layers"]),
+                        num_heads=int(vision_config["num_attention_heads"]), mlp_dim=int(mlp_dim),
+                        window_size=int(vision_config["window_size"]),
+                        global_attn_indexes=tuple(vision_config["global_attn_indexes"]),
+                        out_channels=int(vision_config["output_channels"]),
+                        layer_norm_eps=float(vision_config.get("layer_norm_eps", 1e-6)))
+  except KeyError as e:
+    raise KeyError(f"SAM config: vision_config has no {e.args[0]!r}") from e

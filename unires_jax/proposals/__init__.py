@@ -7,6 +7,7 @@ contract). Importing this package registers every built-in source.
 from unires_jax.proposals.base import (SOURCES, ImageInput, ImageProposals, ProposalSource, attach, build_source,
                                        empty_proposals)
 from unires_jax.proposals import annotations  # noqa: F401  (registers 'annotations' and 'none')
+from unires_jax.proposals import sam  # noqa: F401  (registers 'sam')
 
 __all__ = ["SOURCES", "ImageInput", "ImageProposals", "ProposalSource", "attach", "build_source",
            "empty_proposals"]
