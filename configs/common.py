@@ -148,10 +148,29 @@ def proposals_config(source: str = "annotations", **overrides) -> ml_collections
   c = dict(
       source=source,
       detections=dict(object_file="", part_file="", score_threshold=0.0, top_k=0, match_by="image_id"),
-      sam=dict(checkpoint="", points_per_side=32, points_per_batch=64, pred_iou_thresh=0.88,
-               stability_score_thresh=0.95, stability_score_offset=1.0, mask_threshold=0.0, box_nms_thresh=0.7,
-               crop_n_layers=0, crop_nms_thresh=0.7, crop_overlap_ratio=512 / 1500,
-               crop_n_points_downscale_factor=1, min_mask_region_area=0, max_objects=0, max_parts=0),
+      # SAM automatic mask generation (unires_jax/proposals/sam.py; defaults are segment-anything's).
+      sam=dict(
+          checkpoint="",  # a SamModel.save_pretrained folder, or one written by proposals.sam_model.save_converted
+          points_per_side=32,  # point grid per side at crop layer 0
+          points_per_batch=64,  # single-point prompts per decoder call and device
+          pred_iou_thresh=0.88,  # keep masks with predicted IoU > this (0: off)
+          stability_score_thresh=0.95,  # keep masks with stability score >= this (0: off)
+          stability_score_offset=1.0,  # logit offset of the stability score
+          mask_threshold=0.0,  # logit threshold of the binary masks
+          box_nms_thresh=0.7,  # box NMS IoU within a crop
+          crop_n_layers=0,  # extra crop layers (layer i: 2^i x 2^i crops)
+          crop_nms_thresh=0.7,  # box NMS IoU across crops (smaller crops preferred)
+          crop_overlap_ratio=512 / 1500,  # crop overlap, a fraction of the short side at layer 1
+          crop_n_points_downscale_factor=1,  # points per side divided by this per layer
+          crop_edge_atol=20.0,  # px: drop masks whose box is this close to an inner crop edge
+          min_mask_region_area=0,  # px: remove smaller holes and islands, then NMS again (0: off)
+          mask_canvas_multiple=64,  # masks are computed on square canvases of a multiple of this (compile reuse)
+          part_levels=(0, 1),  # multimask levels that can be parts (2, SAM's "whole", is always an object)
+          part_containment=0.9,  # a part has this fraction of its pixels inside a larger kept mask ...
+          part_area_ratio=1.5,  # ... which is at least this many times its area
+          max_objects=0, max_parts=0,  # keep the best K per image (0: all)
+          dtype="float32",  # compute dtype of the SAM model ("bfloat16" on accelerators)
+      ),
   )
   unknown = sorted(set(overrides) - set(c))
   if unknown:

@@ -3,12 +3,14 @@
 The JAX tree mirrors HF's module names (`transformer/layers_0/self_attn/q_proj` ↔
 `mask_decoder.transformer.layers.0.self_attn.q_proj`), so the table is generated from the config. HF ties
 `shared_image_embedding.positional_embedding` to `prompt_encoder.shared_embedding.positional_embedding`; import
-reads either (and refuses two different copies), export writes both. The SAM image encoder and the point, box
-and mask prompt embeddings are not part of this model and are skipped on import.
+reads either (and refuses two different copies), export writes both. The SAM image encoder and the box and mask
+prompt embeddings are not part of this model and are skipped on import; the point prompt embeddings
+(`prompt_encoder.point_embed.{0,1}`, `not_a_point_embed`) are mapped when `point_prompts` is on, else skipped.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -63,6 +65,11 @@ def sam_decoder_table(cfg: MaskDecoderConfig | Any) -> list[mapping.Entry]:
       mapping.Entry.make("iou_token/embedding", f"{md}.iou_token.weight"),
       mapping.Entry.make("mask_tokens/embedding", f"{md}.mask_tokens.weight"),
   ]
+  if cfg.point_prompts:  # negative and positive point (HF's 2 and 3 are the box corners), and padding
+    table += [mapping.Entry.make(f"prompt_encoder/point_embed_{i}/embedding", f"prompt_encoder.point_embed.{i}.weight")
+              for i in (0, 1)]
+    table.append(mapping.Entry.make("prompt_encoder/not_a_point_embed/embedding",
+                                    "prompt_encoder.not_a_point_embed.weight"))
   for i in range(cfg.depth):
     jax_layer, torch_layer = f"transformer/layers_{i}", f"{md}.transformer.layers.{i}"
     for attn in ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token"):
@@ -86,8 +93,10 @@ def sam_decoder_table(cfg: MaskDecoderConfig | Any) -> list[mapping.Entry]:
 
 def _expected_shapes(cfg: MaskDecoderConfig) -> dict[str, tuple[int, ...]]:
   dim = cfg.transformer_dim
-  abstract = jax.eval_shape(MaskDecoder(cfg).init, jax.random.key(0), jnp.zeros((1, 4, 4, dim)),
-                            jnp.zeros((1, 1, dim)))
+  points = (dict(point_coords=jnp.zeros((1, 1, 2)), point_labels=jnp.ones((1, 1), jnp.int32))
+            if cfg.point_prompts else {})
+  abstract = jax.eval_shape(functools.partial(MaskDecoder(cfg).init, **points), jax.random.key(0),
+                            jnp.zeros((1, 4, 4, dim)), jnp.zeros((1, 1, dim)))
   flat = mapping.flatten_params(nn.meta.unbox(abstract["params"]))
   return {path: tuple(leaf.shape) for path, leaf in flat.items()}
 
@@ -127,3 +136,19 @@ def export_sam_decoder(params: Mapping, cfg: MaskDecoderConfig | Any) -> dict[st
   out = mapping.export_params(sam_decoder_table(cfg), flat)
   out[TIED_POSITIONAL] = out[POSITIONAL].copy()
   return out
+
+
+def mask_decoder_config_from_hf(mask_decoder_config: Mapping[str, Any], point_prompts: bool = False
+                                ) -> MaskDecoderConfig:
+  """`SamConfig.mask_decoder_config` (its `to_dict()` / config.json entry) → `MaskDecoderConfig`."""
+  try:
+    return MaskDecoderConfig(
+        transformer_dim=int(mask_decoder_config["hidden_size"]), depth=int(mask_decoder_config["num_hidden_layers"]),
+        num_heads=int(mask_decoder_config["num_attention_heads"]), mlp_dim=int(mask_decoder_config["mlp_dim"]),
+        attention_downsample_rate=int(mask_decoder_config["attention_downsample_rate"]),
+        num_multimask_outputs=int(mask_decoder_config["num_multimask_outputs"]),
+        iou_head_depth=int(mask_decoder_config["iou_head_depth"]),
+        iou_head_hidden_dim=int(mask_decoder_config["iou_head_hidden_dim"]),
+        layer_norm_eps=float(mask_decoder_config["layer_norm_eps"]), point_prompts=point_prompts)
+  except KeyError as e:
+    raise KeyError(f"SAM config: mask_decoder_config has no {e.args[0]!r}") from e

@@ -92,3 +92,23 @@ def export_sam_vit(params: Mapping, cfg: SamVitConfig, prefix: str = PREFIX) -> 
   """`SamVisionEncoder` params (boxed or not) → HF SAM vision-encoder state dict of numpy arrays under `prefix`."""
   flat = {path: np.asarray(value) for path, value in mapping.flatten_params(nn.meta.unbox(params)).items()}
   return mapping.export_params(sam_vit_table(cfg, prefix), flat)
+
+
+def sam_vit_config_from_hf(vision_config: Mapping) -> SamVitConfig:
+  """`SamConfig.vision_config` (its `to_dict()` / config.json entry) → `SamVitConfig` (the inverse of
+  `hf_configs.sam_vit_config_to_hf`); variants this encoder does not implement are refused, naming the setting."""
+  for key, want in (("qkv_bias", True), ("use_abs_pos", True), ("use_rel_pos", True), ("hidden_act", "gelu")):
+    if key in vision_config and vision_config[key] != want:
+      raise ValueError(f"SAM vision config: {key}={vision_config[key]!r} is not supported (expected {want!r})")
+  try:
+    width = int(vision_config["hidden_size"])
+    mlp_dim = vision_config.get("mlp_dim") or int(width * float(vision_config.get("mlp_ratio", 4.0)))
+    return SamVitConfig(image_size=int(vision_config["image_size"]), patch_size=int(vision_config["patch_size"]),
+                        width=width, depth=int(vision_config["num_hidden_layers"]),
+                        num_heads=int(vision_config["num_attention_heads"]), mlp_dim=int(mlp_dim),
+                        window_size=int(vision_config["window_size"]),
+                        global_attn_indexes=tuple(vision_config["global_attn_indexes"]),
+                        out_channels=int(vision_config["output_channels"]),
+                        layer_norm_eps=float(vision_config.get("layer_norm_eps", 1e-6)))
+  except KeyError as e:
+    raise KeyError(f"SAM config: vision_config has no {e.args[0]!r}") from e

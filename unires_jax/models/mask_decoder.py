@@ -1,9 +1,11 @@
-"""SAM's mask decoder (two-way transformer, mask upscaling, hypernetworks, IoU head) and the dense prompt pieces.
+"""SAM's mask decoder (two-way transformer, mask upscaling, hypernetworks, IoU head) and its prompt encoder pieces.
 
 Module and parameter names mirror Hugging Face `SamModel` (`mask_decoder.*`, `prompt_encoder.shared_embedding`,
-`prompt_encoder.no_mask_embed`) so `unires_jax/convert/sam.py` maps SAM weights one to one. The sparse prompts
-are the LLM's `[SEG]` hidden states, already projected to the decoder width, so SAM's point/box/mask prompt
-embeddings are not part of this module; the dense prompt is always SAM's "no mask" embedding.
+`prompt_encoder.no_mask_embed`) so `unires_jax/convert/sam.py` maps SAM weights one to one. In UniRES the sparse
+prompts are the LLM's `[SEG]` hidden states, already projected to the decoder width, and the dense prompt is always
+SAM's "no mask" embedding. With `point_prompts=True` (off by default, so UniRES's parameter tree is unchanged) the
+prompt encoder also holds SAM's point prompt embedding (negative / positive point, not-a-point), which SAM's
+automatic mask generation (`unires_jax/proposals/sam.py`) prompts with; box and mask prompts are not implemented.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class MaskDecoderConfig:
   iou_head_depth: int = 3
   iou_head_hidden_dim: int = 256
   layer_norm_eps: float = 1e-6
+  point_prompts: bool = False  # SAM's point prompt embeddings (prompt_encoder.point_embed_{0,1}, not_a_point_embed)
 
   def __post_init__(self):
     dim = self.transformer_dim
@@ -96,8 +99,13 @@ class RandomFourierEmbedding(nn.Module):
     return jnp.concatenate([jnp.sin(projected), jnp.cos(projected)], axis=-1)  # [..., C]
 
 
+# SAM's point labels: a negative (background) point, a positive (foreground) point, and padding (not a point).
+NEGATIVE_POINT, POSITIVE_POINT, NOT_A_POINT = 0, 1, -1
+
+
 class DensePromptEncoder(nn.Module):
-  """The parts of SAM's prompt encoder the decoder needs: the grid's positional encoding and the no-mask prompt."""
+  """The parts of SAM's prompt encoder the decoder needs: the grid's positional encoding and the no-mask prompt;
+  with `config.point_prompts`, also the point prompt embedding (`embed_points`)."""
   config: MaskDecoderConfig
   param_dtype: Any = jnp.float32
 
@@ -105,6 +113,10 @@ class DensePromptEncoder(nn.Module):
     dim = self.config.transformer_dim
     self.shared_embedding = RandomFourierEmbedding(dim // 2, param_dtype=self.param_dtype)
     self.no_mask_embed = _embed(1, dim, "no_mask_embed", self.param_dtype)
+    if self.config.point_prompts:
+      self.point_embed_0 = _embed(1, dim, "point_embed_0", self.param_dtype)  # negative point
+      self.point_embed_1 = _embed(1, dim, "point_embed_1", self.param_dtype)  # positive point
+      self.not_a_point_embed = _embed(1, dim, "not_a_point_embed", self.param_dtype)
 
   def __call__(self, height: int, width: int) -> tuple[jax.Array, jax.Array]:
     """(positional encoding of the h×w grid [h, w, C] at pixel centres, dense prompt [C])."""
@@ -113,6 +125,22 @@ class DensePromptEncoder(nn.Module):
     grid = jnp.stack(jnp.meshgrid(xs, ys, indexing="xy"), axis=-1)  # [h, w, 2] as (x, y)
     dense_prompt = self.no_mask_embed(jnp.zeros((1,), jnp.int32))[0]  # [C]
     return self.shared_embedding(grid), dense_prompt
+
+  def embed_points(self, coords: jax.Array, labels: jax.Array) -> jax.Array:
+    """SAM's point prompts: coords [B, N, 2] as (x, y) in [0, 1] of the model's input canvas (pixel + 0.5, divided
+    by the canvas side), labels [B, N] int (1 positive, 0 negative, -1 not a point) → tokens [B, N, C].
+
+    A point's token is its Fourier encoding plus the embedding of its label; a not-a-point token is that embedding
+    alone (SAM pads a point prompt given without a box with one such token).
+    """
+    if not self.config.point_prompts:
+      raise ValueError("mask decoder: point prompts need mask_decoder.point_prompts=True")
+    zero = jnp.zeros((1,), jnp.int32)
+    labels = labels[..., None]  # [B, N, 1]
+    encoded = self.shared_embedding(coords)  # [B, N, C]
+    tokens = jnp.where(labels == NOT_A_POINT, self.not_a_point_embed(zero), encoded)
+    tokens = tokens + jnp.where(labels == NEGATIVE_POINT, self.point_embed_0(zero), 0.0)
+    return tokens + jnp.where(labels == POSITIVE_POINT, self.point_embed_1(zero), 0.0)
 
 
 class Attention(nn.Module):
@@ -255,22 +283,33 @@ class MaskDecoder(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, image_embeddings: jax.Array, sparse_prompt_embeddings: jax.Array,
-               multimask_output: bool = False) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, image_embeddings: jax.Array, sparse_prompt_embeddings: jax.Array | None,
+               multimask_output: bool = False, point_coords: jax.Array | None = None,
+               point_labels: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """image_embeddings [B, h, w, C], sparse_prompt_embeddings [B, Q, C] → masks [B, M, 4h, 4w], iou [B, M].
 
-    M = num_multimask_outputs with `multimask_output`, else 1 (SAM's single-mask token).
+    M = num_multimask_outputs with `multimask_output`, else 1 (SAM's single-mask token). With point prompts
+    (`point_coords` [B, N, 2], `point_labels` [B, N]; see `DensePromptEncoder.embed_points`) their tokens follow the
+    given sparse prompts, which may then be None.
     """
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     batch, height, width, channels = image_embeddings.shape
+    prompt_encoder = DensePromptEncoder(cfg, self.param_dtype, name="prompt_encoder")
+    if point_coords is not None:
+      point_tokens = prompt_encoder.embed_points(point_coords, point_labels)  # [B, N, C]
+      sparse_prompt_embeddings = (point_tokens if sparse_prompt_embeddings is None else
+                                  jnp.concatenate([sparse_prompt_embeddings, point_tokens.astype(
+                                      sparse_prompt_embeddings.dtype)], axis=1))
+    if sparse_prompt_embeddings is None:
+      raise ValueError("mask decoder: no prompt (neither sparse_prompt_embeddings nor point_coords)")
     if channels != cfg.transformer_dim or sparse_prompt_embeddings.shape[-1] != cfg.transformer_dim:
       raise ValueError(f"mask decoder expects width {cfg.transformer_dim}; got image embeddings "
                        f"{image_embeddings.shape} and sparse prompts {sparse_prompt_embeddings.shape}")
     if sparse_prompt_embeddings.ndim != 3 or sparse_prompt_embeddings.shape[0] != batch:
       raise ValueError(f"sparse_prompt_embeddings must be [B={batch}, Q, C], got {sparse_prompt_embeddings.shape}")
 
-    image_pe, dense_prompt = DensePromptEncoder(cfg, self.param_dtype, name="prompt_encoder")(height, width)
+    image_pe, dense_prompt = prompt_encoder(height, width)
     num_mask_tokens = cfg.num_mask_tokens
     output_tokens = jnp.concatenate([
         _embed(1, channels, "iou_token", self.param_dtype)(jnp.arange(1)),

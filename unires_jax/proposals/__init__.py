@@ -8,6 +8,7 @@ from unires_jax.proposals.base import (SOURCES, ImageInput, ImageProposals, Prop
                                        empty_proposals)
 from unires_jax.proposals import annotations  # noqa: F401  (registers 'annotations' and 'none')
 from unires_jax.proposals import detections  # noqa: F401  (registers 'detections')
+from unires_jax.proposals import sam  # noqa: F401  (registers 'sam')
 
 __all__ = ["SOURCES", "ImageInput", "ImageProposals", "ProposalSource", "attach", "build_source",
            "empty_proposals"]
