@@ -37,7 +37,7 @@ from unires_jax.convert import checkpoints, mapping, model_card, shards  # noqa:
 from unires_jax.convert.hf_configs import clip_vit_config_to_hf, llama_config_to_hf  # noqa: E402
 from unires_jax.convert.unires import unires_parts  # noqa: E402
 from unires_jax.models.unires import UniRESConfig  # noqa: E402
-from unires_jax.train import lora as lora_lib  # noqa: E402
+from unires_jax.models import lora as lora_lib  # noqa: E402
 
 HEADS_PREFIX = "unires"  # unires_jax.convert.torch_model.HEADS_PREFIX
 LORA_FILE = "lora.safetensors"

@@ -23,7 +23,7 @@ from unires_jax.eval import predictions as predictions_lib  # noqa: E402
 BOX_SOURCES = ("proposals", "annotations", "none")
 
 
-def predict_split(predictor, split_dir: str, out_path: str, box_source: str = "annotations",
+def predict_split(predictor, split_dir: str, out_path: str, box_source: str = "proposals",
                   batch_size: int = 4, limit: int | None = None) -> int:
   """Writes the predictions of every sample of `split_dir` (or the first `limit`); returns how many."""
   if box_source not in BOX_SOURCES:
@@ -45,18 +45,19 @@ def predict_split(predictor, split_dir: str, out_path: str, box_source: str = "a
 
 
 def main(argv=None) -> int:
-  from unires_jax.convert.torch_generate import Predictor
+  from unires_jax.convert.torch_model import UniRESTorch
 
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--export", required=True, help="a convert_to_pytorch.py output folder")
   parser.add_argument("--split-dir", required=True, help="a prepared split (records.write_split output)")
   parser.add_argument("--out", required=True, help="predictions.jsonl to write")
-  parser.add_argument("--box-source", default="annotations", choices=BOX_SOURCES)
+  parser.add_argument("--box-source", default="proposals", choices=BOX_SOURCES,
+                      help="proposals: the boxes attached to the prepared records (default); annotations: ground truth")
   parser.add_argument("--batch-size", type=int, default=4)
   parser.add_argument("--limit", type=int, help="only the first N samples")
   args = parser.parse_args(argv)
   try:
-    predictor = Predictor.from_exported(args.export)
+    predictor = UniRESTorch.from_exported(args.export).predictor()
     count = predict_split(predictor, args.split_dir, args.out, args.box_source, args.batch_size, args.limit)
   except (FileNotFoundError, KeyError, ValueError, records.RecordError) as e:
     print(f"predict_export: {e}", file=sys.stderr)

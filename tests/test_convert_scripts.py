@@ -88,8 +88,13 @@ def test_keep_lora_writes_the_factors_and_unmerged_weights(run, tmp_path):
   convert_to_pytorch.main(["--checkpoint", str(workdir / "checkpoints" / "20"), "--out", str(out), "--keep-lora"])
   factors = load_file(out / "lora.safetensors")
   key = TARGET.replace("/", ".")
-  np.testing.assert_array_equal(factors[f"{key}.a"], lora[key]["a"])
-  np.testing.assert_array_equal(factors[f"{key}.b"], lora[key]["b"])
+  # PEFT's layout under the PyTorch Linear name, one pair per layer: lora_A [r, in], lora_B [out, r].
+  for layer in range(lora[key]["a"].shape[0]):
+    name = f"llm.model.layers.{layer}.self_attn.q_proj"
+    if f"{name}.lora_A" not in factors:
+      name = f"model.layers.{layer}.self_attn.q_proj"
+    np.testing.assert_array_equal(factors[f"{name}.lora_A"], np.asarray(lora[key]["a"][layer]).T)
+    np.testing.assert_array_equal(factors[f"{name}.lora_B"], np.asarray(lora[key]["b"][layer]).T)
   llm = load_file(out / "llm" / "model.safetensors")
   base = params["llm"]["layers"]["self_attn"]["q_proj"]["kernel"][0]
   np.testing.assert_array_equal(llm["model.layers.0.self_attn.q_proj.weight"], base.reshape(base.shape[0], -1).T)

@@ -179,7 +179,8 @@ def test_7b_config_shapes_and_shardings_without_memory():
 
 def test_clip_to_sam_normalisation_matches_the_direct_formula():
   from unires_jax.data import transforms
-  from unires_jax.models.unires import SAM_PIXEL_MEAN, SAM_PIXEL_STD, clip_to_sam_normalisation
+  from unires_jax.models.unires import clip_to_sam_normalisation
+  from unires_jax.pixel_stats import SAM_PIXEL_MEAN, SAM_PIXEL_STD
   rng = np.random.default_rng(0)
   image = rng.integers(0, 256, size=(6, 8, 3)).astype(np.uint8)
   clip = transforms.preprocess_image(image, 16)[None]  # [1, 16, 16, 3], rows 12.. are padding

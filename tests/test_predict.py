@@ -252,7 +252,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.torch
 def test_export_predictions_equal_jax_over_the_val_split(trained_run, exported_run, tmp_path):
   from scripts import predict_export
-  from unires_jax.convert.torch_generate import Predictor
+  from unires_jax.convert.torch_model import UniRESTorch
   from unires_jax.eval import predictions as predictions_lib
 
   config = synthetic_eval.get_config("val")
@@ -262,7 +262,7 @@ def test_export_predictions_equal_jax_over_the_val_split(trained_run, exported_r
   jax_path = inference.write_predictions(config).predictions
   box_source = "proposals"  # benchmark evaluation reads the proposals attached to the prepared records
   torch_path = str(tmp_path / "torch_predictions.jsonl")
-  count = predict_export.predict_split(Predictor.from_exported(exported_run), str(tmp_path / "eval" / "prepared" / "val"),
+  count = predict_export.predict_split(UniRESTorch.from_exported(exported_run).predictor(), str(tmp_path / "eval" / "prepared" / "val"),
                                        torch_path, box_source=box_source)
   want = {p.key: p for p in predictions_lib.read_predictions(jax_path)}
   got = {p.key: p for p in predictions_lib.read_predictions(torch_path)}
@@ -287,6 +287,7 @@ def test_export_generation_equals_jax(trained_run, exported_run):
   import torch
 
   from unires_jax.convert import torch_generate
+  from unires_jax.convert.torch_model import UniRESTorch
   from unires_jax.train import state as state_lib
 
   loaded = checkpoint_io.load_checkpoint(trained_run)
@@ -301,7 +302,7 @@ def test_export_generation_equals_jax(trained_run, exported_run):
   steps = 6
   model = state_lib.build_model(run_config.model)
   want = inference.make_generate_fn(model, seg_id, tokenizer.eos_id, tokenizer.pad_id, steps)(loaded.params, batch)
-  export = torch_generate.Predictor.from_exported(exported_run)
+  export = UniRESTorch.from_exported(exported_run).predictor()
   got = torch_generate.generate(export.model, {k: torch.from_numpy(v) for k, v in batch.items()}, seg_id,
                                 tokenizer.eos_id, tokenizer.pad_id, steps)
   np.testing.assert_array_equal(got["tokens"].numpy(), np.asarray(want["tokens"]))

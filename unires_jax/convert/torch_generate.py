@@ -88,27 +88,11 @@ def prompt_config(model_config: Mapping[str, Any], prompt: Mapping[str, Any]) ->
 
 
 class Predictor:
-  """Masks for raw images and phrases from an export folder (`scripts/convert_to_pytorch.py` output)."""
+  """Masks for raw images and phrases with an exported model (`UniRESTorch.from_exported(OUT).predictor()`)."""
 
   def __init__(self, model, prompt: Mapping[str, Any], tokenizer: tokenizer_lib.Tokenizer):
     self.model, self.prompt, self.tokenizer = model, dict(prompt), tokenizer
     self.layout = prompts.Layout.from_config(prompt_config(model.config, prompt))
-
-  @classmethod
-  def from_exported(cls, directory: str, dtype: torch.dtype | None = None) -> "Predictor":
-    import json
-
-    from unires_jax.convert.torch_model import CONFIG_FILE, UniRESTorch
-
-    with open(os.path.join(directory, CONFIG_FILE)) as f:
-      exported = json.load(f)
-    if "prompt" not in exported:
-      raise KeyError(f"{os.path.join(directory, CONFIG_FILE)!r} has no 'prompt' section (exported before exports "
-                     f"carried their prompt settings); export the checkpoint again")
-    tokenizer_path = os.path.join(directory, TOKENIZER_FILE)
-    if not os.path.exists(tokenizer_path):
-      raise FileNotFoundError(f"export {directory!r} has no {TOKENIZER_FILE}; export with --tokenizer")
-    return cls(UniRESTorch.from_exported(directory, dtype), exported["prompt"], tokenizer_lib.Tokenizer(tokenizer_path))
 
   def prompt_batch(self, images: Sequence[np.ndarray], phrases: Sequence[str],
                    boxes: Sequence[Mapping[str, Any] | None] | None = None) -> dict[str, np.ndarray]:

@@ -15,14 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from unires_jax.convert import hf_configs
-from unires_jax.data import transforms
+from unires_jax.pixel_stats import CLIP_MEAN, CLIP_STD, SAM_PIXEL_MEAN, SAM_PIXEL_STD
 
 TOKEN_TEXT, TOKEN_IMAGE, TOKEN_OBJECT, TOKEN_PART = 0, 1, 2, 3
 GRANULARITIES = ("image", "object", "part")
 NECK_NORM_EPS = 1e-6
 # SAM's pixel statistics (0..255 scale), as `unires_jax/models/unires.py`.
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 # --- transformers configs from the `model` config section (convert/hf_configs.py) ---------------------------------
@@ -163,8 +161,8 @@ class VisionFlow(nn.Module):
 
 def clip_to_sam_normalisation(image):
   """CLIP-normalised canvas [B, S, S, 3] → SAM-normalised, the zero padding kept zero (`models/unires.py`)."""
-  clip_mean = image.new_tensor(transforms.CLIP_MEAN)
-  clip_std = image.new_tensor(transforms.CLIP_STD)
+  clip_mean = image.new_tensor(CLIP_MEAN)
+  clip_std = image.new_tensor(CLIP_STD)
   pixels = (image * clip_std + clip_mean) * 255.0  # [B, S, S, 3] in 0..255
   sam = (pixels - image.new_tensor(SAM_PIXEL_MEAN)) / image.new_tensor(SAM_PIXEL_STD)
   is_padding = (image == 0).all(dim=-1, keepdim=True)

@@ -196,11 +196,15 @@ class UniRESTorch(nn.Module):
     from unires_jax.convert import torch_generate
     return torch_generate.generate(self, batch, seg_id, eos_id, pad_id, max_new_tokens)
 
-  def predict(self, image, text: str, boxes: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """A mask for one uint8 [h, w, 3] image and phrase (`torch_generate.Predictor.predict`); needs an export's
-    prompt settings and tokenizer (`from_exported`)."""
+  def predictor(self):
+    """A `torch_generate.Predictor` over this model, with the export's prompt settings and tokenizer."""
     from unires_jax.convert import torch_generate
-    if getattr(self, "tokenizer", None) is None:
-      raise ValueError("predict needs the prompt settings and tokenizer of an export: load with from_exported(OUT) "
-                       "of an export that has tokenizer.model")
-    return torch_generate.Predictor(self, self.prompt, self.tokenizer).predict(image, text, boxes)
+    if getattr(self, "tokenizer", None) is None or not getattr(self, "prompt", None):
+      raise ValueError("predicting needs the prompt settings and tokenizer of an export: load with "
+                       "from_exported(OUT) of an export that has tokenizer.model and a 'prompt' section in config.json "
+                       "(export the checkpoint again if it has none)")
+    return torch_generate.Predictor(self, self.prompt, self.tokenizer)
+
+  def predict(self, image, text: str, boxes: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A mask for one uint8 [h, w, 3] image and phrase (`torch_generate.Predictor.predict`)."""
+    return self.predictor().predict(image, text, boxes)

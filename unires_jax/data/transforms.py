@@ -10,8 +10,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from unires_jax.pixel_stats import CLIP_MEAN, CLIP_STD  # noqa: F401  (preprocessing defaults, re-exported)
 
 
 def resized_hw(height: int, width: int, size: int) -> tuple[int, int]:

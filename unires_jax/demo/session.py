@@ -18,7 +18,7 @@ from unires_jax import sharding
 from unires_jax.data import pipeline
 from unires_jax.data import tokenizer as tokenizer_lib
 from unires_jax.eval import checkpoint_io, inference, loop
-from unires_jax.train import state as state_lib
+from unires_jax.models import unires as unires_lib
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class DemoModel:
     self.mesh = sharding.make_mesh(self.config.mesh)
     rules = sharding.rules_from_config(self.config.sharding_rules)
     self.batch_rows = sharding.batch_size_per_data_shard(self.mesh)  # one request, padded to fill the mesh
-    model = state_lib.build_model(self.config.model)
+    model = unires_lib.build_model(self.config.model)
     self.params = inference.place_params(model, self.config.model, loaded.params, self.mesh, rules)
     self.tokenizer = tokenizer_lib.Tokenizer(self.config.data.tokenizer_path)
     self.budget = PromptBudget.from_config(self.config, self.tokenizer)

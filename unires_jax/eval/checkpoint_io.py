@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from unires_jax.convert import checkpoints as checkpoints_lib
-from unires_jax.train import lora as lora_lib
+from unires_jax.models import lora as lora_lib
 
 
 @dataclasses.dataclass(frozen=True)

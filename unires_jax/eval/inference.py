@@ -30,7 +30,8 @@ from unires_jax.data import tokenizer as tokenizer_lib
 from unires_jax.data import transforms
 from unires_jax.eval import provenance
 from unires_jax.models.llm import Llama, init_cache, with_decode_layers
-from unires_jax.models.unires import DTYPES, UniRES
+from unires_jax.models import example_batch as example_batch_lib
+from unires_jax.models.unires import DTYPES, UniRES, build_model
 
 log = logging.getLogger(__name__)
 
@@ -194,9 +195,8 @@ def overlay(pixels: np.ndarray, mask: np.ndarray, colour=(255, 0, 0), alpha: flo
 
 def place_params(model: UniRES, model_cfg: ml_collections.ConfigDict, params: Any, mesh, rules) -> Any:
   """Host params → arrays in the shardings their logical axis names give under `mesh` and `rules`."""
-  from unires_jax.train import state as state_lib
 
-  example = {k: np.zeros(v.shape, v.dtype) for k, v in state_lib.abstract_batch(model_cfg, 1).items()}
+  example = {k: np.zeros(v.shape, v.dtype) for k, v in example_batch_lib.abstract_batch(model_cfg, 1).items()}
   abstract = jax.eval_shape(lambda rng: model.init(rng, example)["params"], jax.random.key(0))  # boxed
   shardings = sharding.logical_to_shardings(abstract, mesh, rules)
   expected = jax.tree_util.tree_structure(shardings)
@@ -248,7 +248,6 @@ def write_predictions(config: ml_collections.ConfigDict) -> WrittenPredictions:
   the prepared records).
   """
   from unires_jax.eval import answers, box_source, checkpoint_io, evaluators, loop
-  from unires_jax.train import state as state_lib
 
   if not config.checkpoint:
     raise ValueError("config.checkpoint is empty: expected a training workdir or checkpoints/<step> folder")
@@ -268,7 +267,7 @@ def write_predictions(config: ml_collections.ConfigDict) -> WrittenPredictions:
   sharding.check_batch_fits_mesh(int(config.batch_size), mesh, "config.batch_size")
   split_dirs = _prepare_splits(config, os.path.join(output_dir, "prepared"), source)
 
-  model = state_lib.build_model(run_config.model)
+  model = build_model(run_config.model)
   params = place_params(model, run_config.model, loaded.params, mesh, rules)
   predict_fn = loop.make_predict_fn(model, run_config, mesh, rules)
   tokenizer = tokenizer_lib.Tokenizer(pipeline.resolve_tokenizer(run_config))

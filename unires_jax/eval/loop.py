@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -24,7 +24,7 @@ from unires_jax import sharding
 from unires_jax.data import pipeline, records as records_lib, tokenizer as tokenizer_lib
 from unires_jax.eval import answers as answers_lib, provenance
 from unires_jax.eval import box_source, evaluators, inference, metrics as metrics_lib, predictions as predictions_lib
-from unires_jax.train import step as step_lib
+from unires_jax.models import objective
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def make_predict_fn(model, config, mesh, rules, params_transform: Callable = lam
 
 def held_out_loss(config, model, params, params_transform, mesh, rules, split_dir: str) -> dict[str, float]:
   """Mean loss parts over one prepared split (teacher forced)."""
-  eval_step = step_lib.make_eval_step(model, dict(config.train.loss_weights), params_transform)
+  eval_step = objective.make_eval_step(model, dict(config.train.loss_weights), params_transform)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     jitted = jax.jit(eval_step)
   totals, batches = {}, 0

@@ -30,6 +30,7 @@ from unires_jax.data import prompts
 from unires_jax.data import tokenizer as tokenizer_lib
 from unires_jax.eval import answers as answers_lib
 from unires_jax.eval import checkpoint_io, inference, loop
+from unires_jax.models import unires as unires_lib
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,6 @@ class Predictor:
   def __init__(self, checkpoint: str, *, step: int | None = None, batch_size: int = 8,
                max_new_tokens: int | None = None, proposals: ml_collections.ConfigDict | None = None,
                devices: Sequence[Any] | None = None):
-    from unires_jax.train import state as state_lib
 
     loaded = checkpoint_io.load_checkpoint(checkpoint, step)
     config = ml_collections.ConfigDict(loaded.config.to_dict())
@@ -84,7 +84,7 @@ class Predictor:
     rules = sharding.rules_from_config(config.sharding_rules)
     shards = sharding.batch_size_per_data_shard(self.mesh)
     self.batch_size = -(-max(1, int(batch_size)) // shards) * shards  # rounded up to fill the batch axes
-    model = state_lib.build_model(config.model)
+    model = unires_lib.build_model(config.model)
     self.params = inference.place_params(model, config.model, loaded.params, self.mesh, rules)
     self.tokenizer = tokenizer_lib.Tokenizer(config.data.tokenizer_path)
     self.answer_parser = answers_lib.AnswerParser.from_config(config, self.tokenizer)

@@ -6,6 +6,9 @@ It follows the pipeline's sequence layout (BOS, image/object/part slots with the
 
 from __future__ import annotations
 
+from typing import Any
+
+import jax
 import numpy as np
 
 from unires_jax.models.unires import TOKEN_IMAGE, TOKEN_OBJECT, TOKEN_PART, UniRESConfig
@@ -73,3 +76,10 @@ def example_batch(cfg: UniRESConfig, batch_size: int, seq_len: int | None = None
       "target_ids": target_ids, "loss_mask": loss_mask, "seg_index": seg_index, "has_target": has_target,
       "gt_mask": gt_mask, "sample_index": np.arange(batch_size, dtype=np.int32),
   }
+
+
+def abstract_batch(model_cfg: Any, batch_size: int, seq_len: int | None = None) -> dict:
+  """Shapes and dtypes of a batch of `batch_size` for a `model` config section, with no data."""
+  cfg = UniRESConfig.from_config(model_cfg)
+  batch = example_batch(cfg, 1, seq_len)
+  return {k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype) for k, v in batch.items()}

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from unires_jax.sharding import logical_init
-from unires_jax.data import transforms
+from unires_jax.pixel_stats import CLIP_MEAN, CLIP_STD, SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from unires_jax.models.clip_vit import ClipVisionTransformer, ClipVitConfig
 from unires_jax.models.convnext import ConvNeXt, ConvNextConfig
 from unires_jax.models.layers import logical_conv, logical_dense, logical_layer_norm
@@ -130,8 +130,6 @@ class UniRESConfig:
 
 
 # SAM's pixel statistics (0..255 scale); the pipeline normalises with CLIP's.
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 def clip_to_sam_normalisation(image):
@@ -140,8 +138,8 @@ def clip_to_sam_normalisation(image):
   The zero padding of the canvas stays zero, as in SAM's own preprocessing (pad after normalising); a real pixel
   exactly at CLIP's mean in all three channels is indistinguishable from padding and is treated as such.
   """
-  clip_mean = jnp.asarray(transforms.CLIP_MEAN, image.dtype)
-  clip_std = jnp.asarray(transforms.CLIP_STD, image.dtype)
+  clip_mean = jnp.asarray(CLIP_MEAN, image.dtype)
+  clip_std = jnp.asarray(CLIP_STD, image.dtype)
   pixels = (image * clip_std + clip_mean) * 255.0  # [B, S, S, 3] in 0..255
   sam = (pixels - jnp.asarray(SAM_PIXEL_MEAN, image.dtype)) / jnp.asarray(SAM_PIXEL_STD, image.dtype)
   is_padding = jnp.all(image == 0, axis=-1, keepdims=True)
@@ -302,3 +300,8 @@ class UniRES(nn.Module):
     seg_hidden = jnp.take_along_axis(hidden, batch["seg_index"][:, None, None], axis=1)[:, 0]  # [B, D]
     mask_logits, iou_pred = self.decode_masks(seg_hidden, hidden, batch["token_type"], mask, vision["dense"])
     return {"logits": logits, "mask_logits": mask_logits, "iou_pred": iou_pred}
+
+
+def build_model(model_cfg: Any) -> "UniRES":
+  """The model a config's `model` section describes."""
+  return UniRES(UniRESConfig.from_config(model_cfg))

@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from unires_jax.models.unires import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from unires_jax.pixel_stats import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from unires_jax.proposals import amg
 from unires_jax.proposals.base import SOURCES, ImageInput, ImageProposals
 from unires_jax.proposals.sam_model import SamArchitecture, SamSegmenter, crop_geometry, load_sam

@@ -16,9 +16,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from unires_jax.train.partition import param_path
-
-LORA_KEY = "lora"
+from unires_jax.models.lora import LORA_KEY, merge_lora  # noqa: F401  (re-exported)
+from unires_jax.tree_paths import param_path
 
 
 def _targets(params: Any, targets: Sequence[tuple[str, int]]) -> dict[str, tuple[jax.Array, int]]:
@@ -54,20 +53,3 @@ def init_lora(params: Any, rng: jax.Array, targets: Sequence[tuple[str, int]], r
   return lora
 
 
-def merge_lora(params: Any, alpha: float, rank: int) -> Any:
-  """The model parameters (without the `lora` key) with every LoRA delta added to its kernel."""
-  if LORA_KEY not in params:
-    return params
-  lora = params[LORA_KEY]
-  base = {k: v for k, v in params.items() if k != LORA_KEY}
-  scale = alpha / rank
-
-  def add_delta(path, kernel):
-    key = param_path(path).replace("/", ".")
-    if key not in lora:
-      return kernel
-    factors = lora[key]
-    delta = jnp.einsum("sir,sro->sio", factors["a"], factors["b"]) * scale  # [S, in, out]
-    return kernel + delta.reshape(kernel.shape).astype(kernel.dtype)
-
-  return jax.tree_util.tree_map_with_path(add_delta, base)

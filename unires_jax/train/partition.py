@@ -12,13 +12,7 @@ from typing import Any, Sequence
 import jax
 from flax.core import meta
 
-
-def param_path(path) -> str:
-  parts = []
-  for key in path:
-    name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
-    parts.append(str(name))
-  return "/".join(parts)
+from unires_jax.tree_paths import param_path  # noqa: F401  (re-exported)
 
 
 def path_map(fn, tree: Any) -> Any:

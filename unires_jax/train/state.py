@@ -17,8 +17,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from unires_jax import sharding
-from unires_jax.models.example_batch import example_batch
-from unires_jax.models.unires import UniRES, UniRESConfig
+from unires_jax.models.example_batch import abstract_batch  # noqa: F401  (re-exported)
+from unires_jax.models.unires import UniRES, build_model  # noqa: F401  (re-exported)
 from unires_jax.train import partition
 
 
@@ -27,10 +27,6 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
-
-
-def build_model(model_cfg: Any) -> UniRES:
-  return UniRES(UniRESConfig.from_config(model_cfg))
 
 
 def batch_shardings(batch: dict, mesh: Mesh) -> dict:
@@ -83,9 +79,3 @@ def create_sharded_state(model: UniRES, batch: dict, mesh: Mesh, rules, rng: jax
   unboxed_init = lambda r, b: nn.meta.unbox(init(r, b))
   state = jax.jit(unboxed_init, out_shardings=state_shardings)(rng, batch)
   return state, state_shardings
-
-
-def abstract_batch(model_cfg: Any, batch_size: int, seq_len: int | None = None) -> dict:
-  cfg = UniRESConfig.from_config(model_cfg)
-  batch = example_batch(cfg, 1, seq_len)
-  return {k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype) for k, v in batch.items()}

@@ -5,22 +5,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from unires_jax.models import losses
+from unires_jax.models.objective import make_eval_step, make_loss_fn  # noqa: F401  (re-exported)
 from unires_jax.models.unires import UniRES
 from unires_jax.train import partition
 from unires_jax.train.state import TrainState
-
-
-def make_loss_fn(model: UniRES, loss_weights: dict, params_transform: Callable = lambda p: p) -> Callable:
-  """`params_transform` maps the stored parameters to the model's (e.g. merging LoRA factors)."""
-  def loss_fn(params, batch, rng):
-    outputs = model.apply({"params": params_transform(params)}, batch, train=True, rngs={"dropout": rng})
-    loss, parts = losses.total_loss(outputs, batch, weights=loss_weights)
-    return loss, parts
-  return loss_fn
 
 
 def make_train_step(model: UniRES, optimizer: optax.GradientTransformation, mask: Any, loss_weights: dict,
@@ -45,16 +35,6 @@ def make_train_step(model: UniRES, optimizer: optax.GradientTransformation, mask
     return new_state, metrics
 
   return train_step
-
-
-def make_eval_step(model: UniRES, loss_weights: dict, params_transform: Callable = lambda p: p) -> Callable:
-  loss_fn = make_loss_fn(model, loss_weights, params_transform)
-
-  def eval_step(params, batch) -> dict:
-    loss, parts = loss_fn(params, batch, jax.random.key(0))
-    return {"loss": loss, **parts}
-
-  return eval_step
 
 
 def grads_for(model: UniRES, params: Any, mask: Any, batch: dict, loss_weights: dict) -> Any:
