@@ -406,3 +406,16 @@ def test_crop_geometry_equals_sams_two_resizes():
     assert geometry.valid_rows.sum() == crop_h and geometry.valid_cols.sum() == crop_w
   with pytest.raises(ValueError, match="canvas"):
     sam_model.crop_geometry(121, 150, S, 16, 128)
+
+
+@pytest.mark.slow
+def test_benchmark_propose_tiny_writes_consistent_figures(tmp_path):
+  from scripts import benchmark_propose
+  out = tmp_path / "propose.json"
+  report = benchmark_propose.main(["--out", str(out), "--models", "tiny", "--images", "2", "--points-per-side",
+                                   "2", "--height", "60", "--width", "80"])
+  (tiny,) = report["models"]
+  assert tiny["grid_points"] == 4 and tiny["images"] == 2 and tiny["compile_s"] > 0
+  assert tiny["seconds_per_image"] == pytest.approx(tiny["steady_s"] / 2)
+  assert tiny["images_per_s"] == pytest.approx(1 / tiny["seconds_per_image"])
+  assert "random weights" in tiny["source"] and out.exists()

@@ -41,7 +41,7 @@ from PIL import Image
 from unires_jax.pixel_stats import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from unires_jax.proposals import amg
 from unires_jax.proposals.base import SOURCES, ImageInput, ImageProposals
-from unires_jax.proposals.sam_model import SamArchitecture, SamSegmenter, crop_geometry, load_sam
+from unires_jax.proposals.sam_model import CropGeometry, SamArchitecture, SamSegmenter, crop_geometry, load_sam
 
 NUM_LEVELS = 3  # SAM's multimask outputs
 
@@ -115,7 +115,7 @@ class _Crop:
   canvas_pixels: np.ndarray  # float32 [S, S, 3]
   points: np.ndarray  # float32 [n, 2] (x, y) in [0, 1] of the S canvas
   canvas: int  # side of the square mask canvas
-  geometry: object  # sam_model.CropGeometry
+  geometry: CropGeometry
 
   @property
   def area(self) -> int:
