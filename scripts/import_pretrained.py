@@ -33,7 +33,7 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 
-from unires_jax import sharding  # noqa: E402
+from unires_jax import cli, sharding  # noqa: E402
 from unires_jax.convert import checkpoints, mapping  # noqa: E402
 from unires_jax.convert.clip_vit import clip_vit_table  # noqa: E402
 from unires_jax.convert.convnext import convnext_hf_table, convnext_timm_table  # noqa: E402
@@ -204,4 +204,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_main(main, "import_pretrained.py")

@@ -160,9 +160,5 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-  try:
-    main()
-  except (FileNotFoundError, ValueError, KeyError) as error:
-    message = error.args[0] if isinstance(error, KeyError) and error.args else error
-    print(f"predict.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+  from unires_jax import cli
+  cli.run_main(main, "predict.py")

@@ -153,8 +153,5 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-  try:
-    main()
-  except (FileNotFoundError, ValueError, KeyError) as error:
-    print(f"prepare_data.py: error: {error}", file=sys.stderr)
-    sys.exit(2)
+  from unires_jax import cli
+  cli.run_main(main, "prepare_data.py")

@@ -66,19 +66,33 @@ def resolve_params_dir(path: str, step: int | None = None) -> tuple[str, str | N
 def load_params(path: str, step: int | None = None) -> tuple[dict, ml_collections.ConfigDict | None]:
   """(params as a nested dict of numpy arrays, run config or None) from a training run or an import.
 
-  For a train state only `params` is returned (optimizer state and data-iterator state are dropped); a `lora`
-  key, if the run trained LoRA factors, is kept.
+  For a train state only `params` is read (a partial restore: the optimizer and data-iterator states are never
+  loaded); a `lora` key, if the run trained LoRA factors, is kept. A step whose files are missing or damaged is a
+  `CheckpointUnreadableError` naming it and the readable steps before it.
   """
+  from unires_jax.train import checkpoint as train_checkpoint
+
   item_dir, run_dir = resolve_params_dir(path, step)
-  metadata = ocp.StandardCheckpointer().metadata(item_dir)
-  tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
-  # Restoring onto the local CPU as numpy, whatever mesh wrote the checkpoint.
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
-                              is_leaf=lambda x: hasattr(x, "shape"))
-  restored = ocp.PyTreeCheckpointer().restore(item_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  params = restored["params"] if "params" in restored and os.path.basename(item_dir) == "state" else restored
+  try:
+    params = train_checkpoint.restore_params(item_dir)
+  except train_checkpoint.CheckpointUnreadableError as error:
+    raise train_checkpoint.CheckpointUnreadableError(f"{error}{earlier_steps_hint(item_dir)}") from error
   config = load_run_config(run_dir) if run_dir else None
   return params, config
+
+
+def earlier_steps_hint(item_dir: str) -> str:
+  """"; readable earlier steps: ... (pass --step N)" for an item inside `checkpoints/<step>/state`, else ""."""
+  from unires_jax.train import checkpoint as train_checkpoint
+
+  step_dir = os.path.dirname(item_dir)
+  if not os.path.basename(step_dir).isdigit():
+    return ""
+  step = int(os.path.basename(step_dir))
+  earlier = [s for s in train_checkpoint.readable_steps(os.path.dirname(step_dir)) if s < step]
+  if not earlier:
+    return "; no earlier step of this run has its metadata"
+  return f"; earlier steps with their metadata: {earlier} (use step {earlier[-1]}: --step {earlier[-1]})"
 
 
 def save_params(directory: str, params: Any) -> str:
