@@ -98,11 +98,8 @@ def read_requests(args) -> list[dict]:
 
 
 def _load_image(path: str) -> np.ndarray:
-  try:
-    with Image.open(path) as image:
-      return np.asarray(image.convert("RGB"), np.uint8)  # [h, w, 3]
-  except OSError as error:
-    raise ValueError(f"image {path!r} cannot be read ({error})") from error
+  from unires_jax.data import images
+  return images.load_image(path)  # [h, w, 3] uint8, upright (EXIF), any mode
 
 
 def _format_boxes(boxes: dict) -> str:

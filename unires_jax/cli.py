@@ -37,7 +37,6 @@ def take_verbose_flag(argv: list[str]) -> bool:
 
 def report(error: BaseException, program: str) -> None:
   print(f"{program}: error: {message(error)}", file=sys.stderr)
-  print(f"({program} {VERBOSE_FLAG} shows the traceback)", file=sys.stderr)
 
 
 def guarded(main: Callable[..., Any], program: str, verbose: bool) -> Callable[..., Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import json
 import logging
@@ -22,6 +23,7 @@ from unires_jax.errors import UserError
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 class RunLockedError(UserError):
@@ -75,13 +77,17 @@ class RunLock:
       raise NotADirectoryError(f"workdir {self.workdir!r} is a file, not a directory")
     try:
       os.makedirs(self.workdir, exist_ok=True)
-    except PermissionError as error:
+    except OSError as error:
+      if error.errno not in NOT_WRITABLE:
+        raise
       raise PermissionError(f"workdir {self.workdir!r} cannot be created: {error.strerror} "
                             f"({error.filename})") from error
     while True:
       try:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-      except PermissionError as error:
+      except OSError as error:
+        if error.errno not in NOT_WRITABLE:
+          raise
         raise PermissionError(f"workdir {self.workdir!r} is not writable: cannot create its lock file "
                               f"{LOCK_FILE} ({error.strerror})") from error
       try:
