@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -35,7 +36,7 @@ import ml_collections  # noqa: E402
 
 from unires_jax import cli, sharding  # noqa: E402
 from unires_jax.convert import checkpoints, mapping  # noqa: E402
-from unires_jax.convert.clip_vit import clip_vit_table  # noqa: E402
+from unires_jax.convert.clip_vit import TOWER_ROOTS, clip_vision_prefix, clip_vit_table  # noqa: E402
 from unires_jax.convert.convnext import convnext_hf_table, convnext_timm_table  # noqa: E402
 from unires_jax.convert import lisa as lisa_convert  # noqa: E402
 from unires_jax.data import tokenizer as tokenizer_lib  # noqa: E402
@@ -48,7 +49,6 @@ from unires_jax.models.unires import UniRES, UniRESConfig  # noqa: E402
 PARTS = ("llm", "vision_tower", "convnext", "sam", "lisa")
 # Buffers and heads that checkpoints carry beside the weights this model uses.
 LLAMA_UNUSED = (r"model\.rotary_emb\.inv_freq", r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
-CLIP_UNUSED = (r"(?!vision_model\.).*", r"vision_model\.embeddings\.position_ids")
 
 
 class _Aliased(Mapping):
@@ -80,8 +80,13 @@ def part_source(part: str, path: str, cfg: UniRESConfig) -> dict:
     return dict(entries=prefixed(llama_table(cfg.llm), "llm", ""), reader=reader,
                 num_layers=cfg.llm.num_layers if cfg.llm.scan_layers else 0, allow_unused=allowed)
   if part == "vision_tower":
-    return dict(entries=prefixed(clip_vit_table(cfg.vit, prefix="vision_model."), "vision_low", ""), reader=reader,
-                num_layers=cfg.vit.depth, allow_unused=CLIP_UNUSED)
+    prefix = clip_vision_prefix(reader, f"vision_tower checkpoint {path}")
+    if prefix:  # other towers and heads of a CLIPModel stay unread
+      tower, others = re.escape(prefix), rf"(?!{re.escape(prefix)}).*"
+    else:
+      tower, others = "", rf"(?!{'|'.join(re.escape(r) for r in TOWER_ROOTS)}).*"
+    return dict(entries=prefixed(clip_vit_table(cfg.vit, prefix=prefix), "vision_low", ""), reader=reader,
+                num_layers=cfg.vit.depth, allow_unused=(others, rf"{tower}embeddings\.position_ids"))
   if part == "convnext":
     names = set(reader)
     if any(n.startswith("visual.trunk.") for n in names):  # an open_clip CLIP checkpoint

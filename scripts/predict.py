@@ -51,10 +51,9 @@ def _parse_boxes(value, where: str) -> dict | None:
       raise ValueError(f"{where}: boxes are not valid JSON ({error})") from error
   if not isinstance(value, dict) or set(value) - {"object", "part"}:
     raise ValueError(f"{where}: boxes must be an object with keys 'object' and/or 'part', got {value!r}")
+  from unires_jax.data import inputs
   for kind, boxes in value.items():
-    array = np.asarray(boxes, np.float32)
-    if array.size and (array.ndim != 2 or array.shape[1] != 4):
-      raise ValueError(f"{where}: boxes[{kind!r}] must be a list of [x0, y0, x1, y1], got {boxes!r}")
+    inputs.check_boxes(boxes, f"{where}: boxes[{kind!r}]")
   return value
 
 
@@ -91,7 +90,9 @@ def read_requests(args) -> list[dict]:
                      where="--image")]
   if not requests:
     raise ValueError(f"--input file {args.input!r} lists no images")
+  from unires_jax.data import inputs
   for request in requests:
+    inputs.clean_phrase(request["text"], "--text" if request["where"] == "--image" else request["where"])
     if not os.path.isfile(request["image"]):
       raise FileNotFoundError(f"{request['where']}: image {request['image']!r} does not exist")
   return requests

@@ -144,9 +144,11 @@ class TensorReader(Mapping):
         from safetensors import safe_open
         self._handles[file] = safe_open(file, framework="pt" if _has_torch() else "numpy")
       else:
-        import torch
-        self._handles[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        self._handles[file] = _torch_load(file)
     return self._handles[file]
+
+  def file_of(self, name: str) -> str:
+    return self._where[name]
 
   def __getitem__(self, name: str) -> np.ndarray:
     file = self._where[name]
@@ -162,6 +164,30 @@ class TensorReader(Mapping):
 
   def __contains__(self, name: object) -> bool:
     return name in self._where
+
+
+def _torch_load(file: str) -> Mapping:
+  """A `torch.save` state dict, memory-mapped; a file that is not one is a ValueError naming it."""
+  import pickle
+  import zipfile
+
+  import torch
+
+  if not zipfile.is_zipfile(file):
+    with open(file, "rb") as f:
+      head = f.read(2)
+    kind = "a plain Python pickle" if head[:1] == b"\x80" else "not a zip archive"
+    raise ValueError(f"weights file {file} is not a torch checkpoint: torch.save writes a zip archive, this file is "
+                     f"{kind} (convert it with torch.save, or use safetensors)")
+  try:
+    loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+  except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    raise ValueError(f"weights file {file} was refused: {first} (only tensors and plain containers are loaded; "
+                     f"nothing in the file is run)") from error
+  if not isinstance(loaded, Mapping):
+    raise ValueError(f"weights file {file} holds a {type(loaded).__name__}, expected a state dict of tensors")
+  return loaded
 
 
 def _has_torch() -> bool:
@@ -191,6 +217,10 @@ class RenamedReader(Mapping):
   def __contains__(self, name: object) -> bool:
     return name in self.names
 
+  def file_of(self, name: str) -> str:
+    file_of = getattr(self.reader, "file_of", None)
+    return file_of(self.names[name]) if file_of is not None else ""
+
 
 def stream_import(entries: Iterable[mapping.Entry], reader: Mapping[str, np.ndarray], num_layers: int,
                   abstract: Mapping[str, Any], shardings: Mapping[str, Any] | None, what: str,
@@ -216,8 +246,11 @@ def stream_import(entries: Iterable[mapping.Entry], reader: Mapping[str, np.ndar
       if missing:
         raise KeyError(f"{what}: tensor {missing[0]!r} (for {entry.jax_path}) is missing")
       claimed.update(names)
-      layer = np.asarray(entry.to_jax(*[reader[n] for n in names]))
       want_shape = tuple(want.shape[1:]) if entry.stacked else tuple(want.shape)
+      tensors = [reader[n] for n in names]
+      mapping.check_torch_shapes(entry, names, tensors, want_shape, what, getattr(reader, "file_of", None))
+      layer = np.asarray(entry.to_jax(*tensors))
+      del tensors
       if tuple(layer.shape) != want_shape:
         raise ValueError(f"{what}: tensor {names[0]!r} → {entry.jax_path} has shape {tuple(layer.shape)}, the "
                          f"model expects {want_shape} (wrong architecture or size?)")
