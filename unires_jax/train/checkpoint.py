@@ -221,7 +221,7 @@ class Checkpointer:
     try:
       return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
     except Exception as error:  # noqa: BLE001 - any failure to write is reported the same way
-      raise self._save_error(error, f"saving up to step {step}") from error
+      raise self._save_error(error, f"saving a step up to {step}") from error
 
   def wait(self) -> None:
     try:
