@@ -146,3 +146,18 @@ def test_predict_and_the_pipeline_decode_through_load_image(tmp_path):
   record = {"dataset": "test", "image_id": 1, "file_name": "phone.png", "height": expected.shape[0],
             "width": expected.shape[1], "image_bytes": photo.read_bytes()}
   np.testing.assert_array_equal(pipeline.decode_image(record), expected)
+
+
+def test_demo_uploads_are_upright_and_mapped_like_load_image(tmp_path):
+  pytest.importorskip("gradio")
+  from unires_jax.demo import inputs as demo_inputs
+  exif = Image.Exif()
+  exif[images.EXIF_ORIENTATION_TAG] = 8
+  photo = tmp_path / "phone.png"
+  photo.write_bytes(_saved(Image.fromarray(COLOUR), "PNG", exif=exif.tobytes()))
+  upload = demo_inputs.load_upload(str(photo))
+  np.testing.assert_array_equal(upload.pixels, images.orient_mask(COLOUR, 8))
+  assert upload.original_size == (COLOUR.shape[1], COLOUR.shape[0])
+  deep = tmp_path / "deep.png"
+  deep.write_bytes(_saved(Image.fromarray(GREY.astype(np.uint16) * 257), "PNG"))
+  np.testing.assert_array_equal(demo_inputs.load_upload(str(deep)).pixels, _grey_rgb(GREY))

@@ -71,6 +71,11 @@ def exif_orientation(image: Image.Image) -> int:
   return value if 1 <= value <= 8 else 1
 
 
+def upright_rgb(image: Image.Image) -> np.ndarray:
+  """An opened image → uint8 [h, w, 3]: EXIF orientation applied, its mode mapped as `to_rgb` does."""
+  return to_rgb(ImageOps.exif_transpose(image))
+
+
 def load_image(source: ImageSource, where: str | None = None) -> np.ndarray:
   """uint8 [h, w, 3] RGB of an image file or its bytes, upright (EXIF applied), every pixel decoded.
 
@@ -85,8 +90,7 @@ def load_image(source: ImageSource, where: str | None = None) -> np.ndarray:
   try:
     with _open(source) as image:
       image.load()  # every pixel: a truncated file fails here, not later in training
-      upright = ImageOps.exif_transpose(image)
-      return to_rgb(upright)
+      return upright_rgb(image)
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
     raise ImageError(f"{what} cannot be decoded ({type(error).__name__}: {error})") from error
 
