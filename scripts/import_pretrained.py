@@ -10,6 +10,10 @@
 through its index file, and copies its `tokenizer.model` and `added_tokens.json` to `OUT/tokenizer/`
 (`data.tokenizer_path` of the written config points there).
 
+Any `--config.<key>=<value>` overrides the config as in train.py. A part's transformers `config.json` (beside its
+weights) is compared with the config first: a different architecture is refused, field by field with the override
+that fits it, before any tensor is read (`unires_jax/convert/part_configs.py`).
+
 Each part is read tensor by tensor (safetensors `safe_open`, or `.bin` via `torch.load(weights_only=True)`), mapped
 through its table in `unires_jax/convert/`, checked against `jax.eval_shape` of the model (the first mismatching
 tensor is named) and placed into its sharding. Writes `OUT/params` (Orbax), `OUT/config.json` and
@@ -35,7 +39,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 
 from unires_jax import cli, sharding  # noqa: E402
-from unires_jax.convert import checkpoints, mapping  # noqa: E402
+from unires_jax.convert import checkpoints, mapping, part_configs  # noqa: E402
 from unires_jax.convert.clip_vit import TOWER_ROOTS, clip_vision_prefix, clip_vit_table  # noqa: E402
 from unires_jax.convert.convnext import convnext_hf_table, convnext_timm_table  # noqa: E402
 from unires_jax.convert import lisa as lisa_convert  # noqa: E402
@@ -130,6 +134,7 @@ def import_pretrained(config: ml_collections.ConfigDict, out_dir: str, sources: 
                       seed: int = 0) -> dict:
   """Imports the given parts (`{part: path}`), initialises the rest, writes `out_dir`; returns the report."""
   start = time.perf_counter()
+  part_configs.check_part_configs(config.model, sources)  # before any tensor is read
   overlap = [part for part in ("llm", "sam") if sources.get("lisa") and sources.get(part)]
   if overlap:
     raise ValueError(f"--lisa already holds the LLM and SAM; drop --{overlap[0]}")
@@ -199,8 +204,9 @@ def main(argv=None) -> None:
   parser.add_argument("--lisa", help="a LISA checkpoint folder (pytorch_model-*.bin + index, tokenizer, "
                                      "added_tokens.json); pair it with --vision-tower and configs/lisa.py")
   parser.add_argument("--seed", type=int, default=0, help="seed of the freshly initialised parameters")
-  args = parser.parse_args(argv)
-  config = checkpoints.config_from_file(args.config)
+  parser.epilog = "Any --config.<key>=<value> overrides the config, as in train.py (e.g. --config.model.llm.num_layers=2)."
+  args, overrides = parser.parse_known_args(argv)
+  config = cli.apply_config_overrides(checkpoints.config_from_file(args.config), overrides)
   sources = {"llm": args.llm, "vision_tower": args.vision_tower, "convnext": args.convnext, "sam": args.sam,
              "lisa": args.lisa}
   report = import_pretrained(config, args.out, sources, args.seed)

@@ -59,3 +59,51 @@ def run_main(main: Callable[..., Any], program: str, absl_app: bool = False) -> 
     from absl import app
     return app.run(guarded(main, program, verbose))
   return guarded(main, program, verbose)()
+
+
+CONFIG_OVERRIDE_PREFIX = "--config."
+
+
+def apply_config_overrides(config, overrides: list[str]):
+  """`--config.a.b=value` arguments (as train.py takes them) applied to an ml_collections ConfigDict.
+
+  The value is read as a Python literal (`2`, `1e-4`, `True`, `(1,2)`, `'text'`), else as a plain string, and must
+  fit the type of the value it replaces; an unknown key or a value of another type is a ValueError naming it.
+  """
+  import ast
+
+  for argument in overrides:
+    if not argument.startswith(CONFIG_OVERRIDE_PREFIX) or "=" not in argument:
+      raise ValueError(f"unexpected argument {argument!r}; expected --config.<key>=<value>")
+    key, text = argument[len(CONFIG_OVERRIDE_PREFIX):].split("=", 1)
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    node, parts = config, key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+      if part not in node:
+        raise ValueError(f"--config.{key}: the config has no key {'.'.join(parts[:depth + 1])!r}")
+      node = node[part]
+    leaf = parts[-1]
+    if leaf not in node:
+      raise ValueError(f"--config.{key}: the config has no key {key!r}")
+    current = node[leaf]
+    if isinstance(current, tuple) and isinstance(value, list):
+      value = tuple(value)
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    if current is not None and not isinstance(value, type(current)):
+      raise ValueError(f"--config.{key}={text}: expected a {type(current).__name__} like the current value "
+                       f"{current!r}")
+    with config.unlocked() if hasattr(config, "unlocked") else _nothing():
+      node[leaf] = value
+  return config
+
+
+class _nothing:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
