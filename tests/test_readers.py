@@ -315,3 +315,26 @@ def test_cris_bad_boxes_name_the_entry(tmp_path, box, message):
   (folder / "anns" / "refcocom" / "val.json").write_text(json.dumps([entry]))
   with pytest.raises(readers.MalformedEntryError, match=rf"anns/refcocom/val.json entry 0: bbox .*{message}"):
     _read("refcocom_cris", folder, "val")
+
+
+def test_the_refer_data_root_and_its_image_folder_are_found(refer_dir, tmp_path):
+  """The refer toolkit's layout: <root>/refcoco/{instances.json, refs(unc).p}, images in
+  <root>/images/mscoco/images/train2014/. Either the root or the dataset folder may be given."""
+  import shutil
+  root = tmp_path / "refer_data"
+  shutil.copytree(refer_dir, root / "refcoco", ignore=shutil.ignore_patterns("images"))
+  shutil.copytree(refer_dir / "images", root / "images" / "mscoco" / "images" / "train2014")
+  (expected,) = _read("refcoco", refer_dir, "val")
+  for data_dir in (root, root / "refcoco"):
+    (record,) = _read("refcoco", data_dir, "val")
+    assert record["image_bytes"] == expected["image_bytes"] and record["refs"] == expected["refs"]
+  sources = readers.DATASETS.lookup("refcoco").source_files(str(root), "val")
+  assert sources == [str(root / "refcoco" / "instances.json"), str(root / "refcoco" / "refs(unc).p")]
+  shutil.rmtree(root / "images")
+  with pytest.raises(FileNotFoundError) as caught:
+    _read("refcoco", root, "val")
+  message = str(caught.value)
+  assert "img7.png" in message and str(root / "images" / "mscoco" / "images" / "train2014") in message
+  assert str(root / "refcoco" / "images") in message and "--image-dir" in message
+  with pytest.raises(FileNotFoundError, match=r"refs\(unc\).p not found; looked for .*nowhere.*nowhere/refcoco"):
+    _read("refcoco", tmp_path / "nowhere", "val")

@@ -227,10 +227,56 @@ def _sentences(ref: dict, where: str) -> list[dict]:
 # ------------------------------------------------------------------------------- refer and gRefCOCO (COCO)
 
 
-def _coco_plans(dataset: str, split: str, instances_path: str, refs: list[tuple[str, dict]], image_dir: str,
-                normalise: Callable[[dict, str], dict], bad: BadEntries, skip_bad: bool,
+def _dataset_dir(data_dir: str, dataset: str, required: str) -> str:
+  """The folder holding `required`: `data_dir` itself, or `data_dir/<dataset>` when `data_dir` is the refer
+  toolkit's data root (refcoco/, refcoco+/, refcocog/ side by side). A FileNotFoundError lists both places."""
+  candidates = [data_dir, os.path.join(data_dir, dataset)]
+  for candidate in candidates:
+    if os.path.exists(os.path.join(candidate, required)):
+      return candidate
+  raise FileNotFoundError(f"{dataset}: {required} not found; looked for "
+                          f"{[os.path.join(c, required) for c in candidates]} (--data-dir may be the dataset folder "
+                          f"or the data root that holds {dataset}/)")
+
+
+# Where images sit relative to the data root: the refer toolkit (images/mscoco/images/train2014), gRefCOCO's
+# ReLA layout (images/train2014), and a plain images/ folder.
+IMAGE_FOLDERS = (os.path.join("images", "mscoco", "images", "train2014"), os.path.join("images", "train2014"),
+                 "images")
+IMAGE_DIR_PROBES = 20  # images looked up to decide which candidate folder holds a dataset's images
+
+
+def image_dir_candidates(data_dir: str, dataset_dir: str) -> list[str]:
+  """`<dataset folder>/images`, then the data root's refer, ReLA and plain image folders (the root is `data_dir`
+  when the dataset sits in a subfolder of it, else the dataset folder's parent)."""
+  root = data_dir if os.path.abspath(dataset_dir) != os.path.abspath(data_dir) else os.path.dirname(
+      os.path.abspath(data_dir))
+  out = [os.path.join(dataset_dir, "images")] + [os.path.join(root, folder) for folder in IMAGE_FOLDERS]
+  return list(dict.fromkeys(out))
+
+
+def pick_image_dir(candidates: Sequence[str], file_names: Sequence[str], what: str) -> str:
+  """The first candidate folder holding one of the first `IMAGE_DIR_PROBES` file names, else the first that exists
+  (its missing images are then named one by one); a FileNotFoundError listing the folders searched when none
+  exists."""
+  probes = list(file_names)[:IMAGE_DIR_PROBES]
+  for candidate in candidates:
+    if any(os.path.exists(os.path.join(candidate, name)) for name in probes):
+      return candidate
+  existing = [candidate for candidate in candidates if os.path.isdir(candidate)]
+  if existing or not probes:
+    return existing[0] if existing else candidates[0]
+  raise FileNotFoundError(f"{what}: images not found (e.g. {probes[0]!r}); searched {list(candidates)}. Pass "
+                          f"--image-dir with the folder that holds them (COCO train2014)")
+
+
+def _coco_plans(dataset: str, split: str, instances_path: str, refs: list[tuple[str, dict]],
+                image_dir: str | Sequence[str], normalise: Callable[[dict, str], dict], bad: BadEntries, skip_bad: bool,
                 plan_bad: BadEntries) -> list[_ImagePlan]:
-  """Plans for refs over a COCO `instances.json`; `normalise(ref, where)` → {ref_id, image_id, ann_ids, ...}."""
+  """Plans for refs over a COCO `instances.json`; `normalise(ref, where)` → {ref_id, image_id, ann_ids, ...}.
+
+  `image_dir` is a folder, or candidate folders of which the first holding this split's images is used.
+  """
   instances = _load_json(instances_path)
   images = {int(im["id"]): im for im in _get(instances, "images", instances_path)}
   anns_by_id = {}
@@ -256,6 +302,9 @@ def _coco_plans(dataset: str, split: str, instances_path: str, refs: list[tuple[
       plan_bad.handle(error, skip_bad)
       continue
     refs_by_image[ref["image_id"]].append(ref)
+  if not isinstance(image_dir, str):
+    names = [str(images[i].get("file_name", "")) for i in sorted(refs_by_image)]
+    image_dir = pick_image_dir(image_dir, names, f"{dataset} {split}")
 
   def plan(image_id: int, image_refs: list[dict]) -> _ImagePlan:
     def build() -> dict | None:
@@ -298,9 +347,8 @@ def read_refer(data_dir: str, split: str, *, split_by: str = "unc", image_dir: s
                shard: tuple[int, int] | None = None) -> Iterator[dict]:
   """RefCOCO / RefCOCO+ / RefCOCOg: `refs({split_by}).p` (restricted unpickling) + `instances.json`."""
   bad = BadEntries() if bad is None else bad
-  refs_path = os.path.join(data_dir, f"refs({split_by}).p")
-  if not os.path.exists(refs_path):
-    raise FileNotFoundError(f"refer refs file {refs_path} missing (split_by={split_by!r})")
+  dataset_dir = _dataset_dir(data_dir, dataset, f"refs({split_by}).p")
+  refs_path = os.path.join(dataset_dir, f"refs({split_by}).p")
   raw_refs = safe_pickle.load_file(refs_path)
   if not isinstance(raw_refs, list):
     raise MalformedEntryError("bad_entry", f"{refs_path}: expected a list of refs, got {type(raw_refs).__name__}")
@@ -311,8 +359,8 @@ def read_refer(data_dir: str, split: str, *, split_by: str = "unc", image_dir: s
             "sentences": _sentences(ref, where), "where": where}
 
   refs = [(f"{refs_path} entry {i}", ref) for i, ref in enumerate(raw_refs)]
-  plans = _coco_plans(dataset, split, os.path.join(data_dir, "instances.json"), refs,
-                      image_dir or os.path.join(data_dir, "images"), normalise, bad, skip_bad,
+  plans = _coco_plans(dataset, split, os.path.join(dataset_dir, "instances.json"), refs,
+                      image_dir or image_dir_candidates(data_dir, dataset_dir), normalise, bad, skip_bad,
                       _plan_bad(bad, shard))
   return _emit(plans, bad, skip_bad, shard)
 
@@ -322,7 +370,8 @@ def read_grefcoco(data_dir: str, split: str, *, split_by: str = "unc", image_dir
                   shard: tuple[int, int] | None = None) -> Iterator[dict]:
   """gRefCOCO: `grefs({split_by}).json` (ann_id lists, [-1] / no_target for nothing) + `instances.json`."""
   bad = BadEntries() if bad is None else bad
-  refs_path = os.path.join(data_dir, f"grefs({split_by}).json")
+  dataset_dir = _dataset_dir(data_dir, dataset, f"grefs({split_by}).json")
+  refs_path = os.path.join(dataset_dir, f"grefs({split_by}).json")
   raw_refs = _load_json(refs_path)
 
   def normalise(ref: dict, where: str) -> dict:
@@ -339,18 +388,20 @@ def read_grefcoco(data_dir: str, split: str, *, split_by: str = "unc", image_dir
             "where": where}
 
   refs = [(f"{refs_path} entry {i}", ref) for i, ref in enumerate(raw_refs)]
-  plans = _coco_plans(dataset, split, os.path.join(data_dir, "instances.json"), refs,
-                      image_dir or os.path.join(data_dir, "images"), normalise, bad, skip_bad,
+  plans = _coco_plans(dataset, split, os.path.join(dataset_dir, "instances.json"), refs,
+                      image_dir or image_dir_candidates(data_dir, dataset_dir), normalise, bad, skip_bad,
                       _plan_bad(bad, shard))
   return _emit(plans, bad, skip_bad, shard)
 
 
-def _refer_sources(data_dir, split, *, split_by="unc", **_):
-  return [os.path.join(data_dir, "instances.json"), os.path.join(data_dir, f"refs({split_by}).p")]
+def _refer_sources(data_dir, split, *, split_by="unc", dataset="refcoco", **_):
+  folder = _dataset_dir(data_dir, dataset, f"refs({split_by}).p")
+  return [os.path.join(folder, "instances.json"), os.path.join(folder, f"refs({split_by}).p")]
 
 
-def _grefcoco_sources(data_dir, split, *, split_by="unc", **_):
-  return [os.path.join(data_dir, "instances.json"), os.path.join(data_dir, f"grefs({split_by}).json")]
+def _grefcoco_sources(data_dir, split, *, split_by="unc", dataset="grefcoco", **_):
+  folder = _dataset_dir(data_dir, dataset, f"grefs({split_by}).json")
+  return [os.path.join(folder, "instances.json"), os.path.join(folder, f"grefs({split_by}).json")]
 
 
 # ------------------------------------------------------------------------------------------ CRIS / RefCOCOm
