@@ -33,6 +33,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
+from unires_jax import cli  # noqa: E402
 from unires_jax.convert import checkpoints, mapping, model_card, shards  # noqa: E402
 from unires_jax.convert.hf_configs import clip_vit_config_to_hf, llama_config_to_hf  # noqa: E402
 from unires_jax.convert.unires import unires_parts  # noqa: E402
@@ -202,24 +203,20 @@ def main(argv=None) -> None:
   parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (e.g. 2GB, 500MB)")
   parser.add_argument("--out", required=True)
   args = parser.parse_args(argv)
-  try:
-    path = args.workdir or args.checkpoint
-    item_dir, run_dir = checkpoints.resolve_params_dir(path, args.step)
-    params, config = checkpoints.load_params(path, args.step)
-    if args.config:
-      config = checkpoints.config_from_file(args.config)
-    if config is None:
-      raise FileNotFoundError("the checkpoint has no config.json beside it: pass --config configs/X.py")
-    step_name = os.path.basename(os.path.dirname(item_dir))
-    step = int(step_name) if step_name.isdigit() else None
-    summary = convert_to_pytorch(params, config, args.out, args.keep_lora, args.tokenizer, args.dtype,
-                                 _size_bytes(args.max_shard_size), source=os.path.abspath(item_dir), step=step,
-                                 workdir=run_dir)
-  except (FileNotFoundError, KeyError, ValueError) as e:
-    print(f"convert_to_pytorch: {e}", file=sys.stderr)
-    raise SystemExit(2)
+  path = args.workdir or args.checkpoint
+  item_dir, run_dir = checkpoints.resolve_params_dir(path, args.step)
+  params, config = checkpoints.load_params(path, args.step)
+  if args.config:
+    config = checkpoints.config_from_file(args.config)
+  if config is None:
+    raise FileNotFoundError("the checkpoint has no config.json beside it: pass --config configs/X.py")
+  step_name = os.path.basename(os.path.dirname(item_dir))
+  step = int(step_name) if step_name.isdigit() else None
+  summary = convert_to_pytorch(params, config, args.out, args.keep_lora, args.tokenizer, args.dtype,
+                               _size_bytes(args.max_shard_size), source=os.path.abspath(item_dir), step=step,
+                               workdir=run_dir)
   print(f"wrote {', '.join(summary['files'])} to {args.out} in {summary['seconds']:.1f}s")
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_main(main, "convert_to_pytorch.py")

@@ -22,6 +22,7 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from unires_jax import cli  # noqa: E402
 from unires_jax.eval import scoring  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "eval config: configs/eval/<benchmark>.py[:splits]",
@@ -66,4 +67,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  cli.run_main(main, "eval.py", absl_app=True)

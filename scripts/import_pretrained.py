@@ -10,6 +10,10 @@
 through its index file, and copies its `tokenizer.model` and `added_tokens.json` to `OUT/tokenizer/`
 (`data.tokenizer_path` of the written config points there).
 
+Any `--config.<key>=<value>` overrides the config as in train.py. A part's transformers `config.json` (beside its
+weights) is compared with the config first: a different architecture is refused, field by field with the override
+that fits it, before any tensor is read (`unires_jax/convert/part_configs.py`).
+
 Each part is read tensor by tensor (safetensors `safe_open`, or `.bin` via `torch.load(weights_only=True)`), mapped
 through its table in `unires_jax/convert/`, checked against `jax.eval_shape` of the model (the first mismatching
 tensor is named) and placed into its sharding. Writes `OUT/params` (Orbax), `OUT/config.json` and
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -33,9 +38,9 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 
-from unires_jax import sharding  # noqa: E402
-from unires_jax.convert import checkpoints, mapping  # noqa: E402
-from unires_jax.convert.clip_vit import clip_vit_table  # noqa: E402
+from unires_jax import cli, sharding  # noqa: E402
+from unires_jax.convert import checkpoints, mapping, part_configs  # noqa: E402
+from unires_jax.convert.clip_vit import TOWER_ROOTS, clip_vision_prefix, clip_vit_table  # noqa: E402
 from unires_jax.convert.convnext import convnext_hf_table, convnext_timm_table  # noqa: E402
 from unires_jax.convert import lisa as lisa_convert  # noqa: E402
 from unires_jax.data import tokenizer as tokenizer_lib  # noqa: E402
@@ -48,7 +53,6 @@ from unires_jax.models.unires import UniRES, UniRESConfig  # noqa: E402
 PARTS = ("llm", "vision_tower", "convnext", "sam", "lisa")
 # Buffers and heads that checkpoints carry beside the weights this model uses.
 LLAMA_UNUSED = (r"model\.rotary_emb\.inv_freq", r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
-CLIP_UNUSED = (r"(?!vision_model\.).*", r"vision_model\.embeddings\.position_ids")
 
 
 class _Aliased(Mapping):
@@ -80,8 +84,13 @@ def part_source(part: str, path: str, cfg: UniRESConfig) -> dict:
     return dict(entries=prefixed(llama_table(cfg.llm), "llm", ""), reader=reader,
                 num_layers=cfg.llm.num_layers if cfg.llm.scan_layers else 0, allow_unused=allowed)
   if part == "vision_tower":
-    return dict(entries=prefixed(clip_vit_table(cfg.vit, prefix="vision_model."), "vision_low", ""), reader=reader,
-                num_layers=cfg.vit.depth, allow_unused=CLIP_UNUSED)
+    prefix = clip_vision_prefix(reader, f"vision_tower checkpoint {path}")
+    if prefix:  # other towers and heads of a CLIPModel stay unread
+      tower, others = re.escape(prefix), rf"(?!{re.escape(prefix)}).*"
+    else:
+      tower, others = "", rf"(?!{'|'.join(re.escape(r) for r in TOWER_ROOTS)}).*"
+    return dict(entries=prefixed(clip_vit_table(cfg.vit, prefix=prefix), "vision_low", ""), reader=reader,
+                num_layers=cfg.vit.depth, allow_unused=(others, rf"{tower}embeddings\.position_ids"))
   if part == "convnext":
     names = set(reader)
     if any(n.startswith("visual.trunk.") for n in names):  # an open_clip CLIP checkpoint
@@ -125,6 +134,7 @@ def import_pretrained(config: ml_collections.ConfigDict, out_dir: str, sources: 
                       seed: int = 0) -> dict:
   """Imports the given parts (`{part: path}`), initialises the rest, writes `out_dir`; returns the report."""
   start = time.perf_counter()
+  part_configs.check_part_configs(config.model, sources)  # before any tensor is read
   overlap = [part for part in ("llm", "sam") if sources.get("lisa") and sources.get(part)]
   if overlap:
     raise ValueError(f"--lisa already holds the LLM and SAM; drop --{overlap[0]}")
@@ -194,8 +204,9 @@ def main(argv=None) -> None:
   parser.add_argument("--lisa", help="a LISA checkpoint folder (pytorch_model-*.bin + index, tokenizer, "
                                      "added_tokens.json); pair it with --vision-tower and configs/lisa.py")
   parser.add_argument("--seed", type=int, default=0, help="seed of the freshly initialised parameters")
-  args = parser.parse_args(argv)
-  config = checkpoints.config_from_file(args.config)
+  parser.epilog = "Any --config.<key>=<value> overrides the config, as in train.py (e.g. --config.model.llm.num_layers=2)."
+  args, overrides = parser.parse_known_args(argv)
+  config = cli.apply_config_overrides(checkpoints.config_from_file(args.config), overrides)
   sources = {"llm": args.llm, "vision_tower": args.vision_tower, "convnext": args.convnext, "sam": args.sam,
              "lisa": args.lisa}
   report = import_pretrained(config, args.out, sources, args.seed)
@@ -204,4 +215,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_main(main, "import_pretrained.py")

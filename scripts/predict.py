@@ -51,10 +51,9 @@ def _parse_boxes(value, where: str) -> dict | None:
       raise ValueError(f"{where}: boxes are not valid JSON ({error})") from error
   if not isinstance(value, dict) or set(value) - {"object", "part"}:
     raise ValueError(f"{where}: boxes must be an object with keys 'object' and/or 'part', got {value!r}")
+  from unires_jax.data import inputs
   for kind, boxes in value.items():
-    array = np.asarray(boxes, np.float32)
-    if array.size and (array.ndim != 2 or array.shape[1] != 4):
-      raise ValueError(f"{where}: boxes[{kind!r}] must be a list of [x0, y0, x1, y1], got {boxes!r}")
+    inputs.check_boxes(boxes, f"{where}: boxes[{kind!r}]")
   return value
 
 
@@ -91,18 +90,17 @@ def read_requests(args) -> list[dict]:
                      where="--image")]
   if not requests:
     raise ValueError(f"--input file {args.input!r} lists no images")
+  from unires_jax.data import inputs
   for request in requests:
+    inputs.clean_phrase(request["text"], "--text" if request["where"] == "--image" else request["where"])
     if not os.path.isfile(request["image"]):
       raise FileNotFoundError(f"{request['where']}: image {request['image']!r} does not exist")
   return requests
 
 
 def _load_image(path: str) -> np.ndarray:
-  try:
-    with Image.open(path) as image:
-      return np.asarray(image.convert("RGB"), np.uint8)  # [h, w, 3]
-  except OSError as error:
-    raise ValueError(f"image {path!r} cannot be read ({error})") from error
+  from unires_jax.data import images
+  return images.load_image(path)  # [h, w, 3] uint8, upright (EXIF), any mode
 
 
 def _format_boxes(boxes: dict) -> str:
@@ -160,9 +158,5 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-  try:
-    main()
-  except (FileNotFoundError, ValueError, KeyError) as error:
-    message = error.args[0] if isinstance(error, KeyError) and error.args else error
-    print(f"predict.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+  from unires_jax import cli
+  cli.run_main(main, "predict.py")

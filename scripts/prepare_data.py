@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import multiprocessing
 import os
 import sys
 from typing import Sequence
@@ -28,6 +29,8 @@ from configs import common  # noqa: E402
 from unires_jax import proposals  # noqa: E402
 from unires_jax.data import pipeline, readers, records  # noqa: E402
 from unires_jax.proposals import detections  # noqa: E402
+
+MAX_LISTED_SKIPS = 20
 
 
 def _reader_options(args) -> dict:
@@ -84,7 +87,9 @@ def write_one_shard(dataset: str, data_dir: str, split: str, out_dir: str, shard
   if proposal_config is not None:
     source = proposals.build_source(ml_collections.ConfigDict(proposal_config))
     found, report = proposals.attach(found, source, pipeline.decode_image), source.report
-  summary = records.write_shard(found, path, skipped=dict(bad.counts), proposal_report=report)
+  # The live counts: the reader drops entries while write_shard consumes it.
+  summary = records.write_shard(found, path, skipped=bad.counts, proposal_report=report,
+                                skipped_entries=bad.messages)
   return len(summary["records"])
 
 
@@ -111,7 +116,9 @@ def prepare(dataset: str, data_dir: str, split: str, out_dir: str, *, num_shards
       write_one_shard(*job)
       bar.update(1)
   else:
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+    # Spawned, not forked: a forked child of a process that has started threads (JAX, Grain) can deadlock.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
       for future in concurrent.futures.as_completed([pool.submit(write_one_shard, *job) for job in jobs]):
         future.result()
         bar.update(1)
@@ -147,14 +154,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
                   workers=args.workers, options=_reader_options(args), proposal_config=_proposal_config(args))
   print(f"{args.dataset}/{args.split}: {index['num_images']} images, {index['num_samples']} samples, "
         f"skipped {index['skipped_bad'] or 'none'}, proposals {index['proposals']['sources']} -> {args.out}")
+  for entry in index["skipped_bad_entries"][:MAX_LISTED_SKIPS]:
+    print(f"  skipped: {entry}")
+  if len(index["skipped_bad_entries"]) > MAX_LISTED_SKIPS:
+    print(f"  ... {len(index['skipped_bad_entries']) - MAX_LISTED_SKIPS} more in {args.out}/index.json "
+          f"(skipped_bad_entries)")
   if "summary" in index["proposals"]:
     print("\n".join(detections.format_summary(index["proposals"]["summary"])))
   return index
 
 
 if __name__ == "__main__":
-  try:
-    main()
-  except (FileNotFoundError, ValueError, KeyError) as error:
-    print(f"prepare_data.py: error: {error}", file=sys.stderr)
-    sys.exit(2)
+  from unires_jax import cli
+  cli.run_main(main, "prepare_data.py")

@@ -102,6 +102,20 @@ def test_predict_errors_name_the_missing_image_and_checkpoint(tmp_path):
                          str(tmp_path / "o.png"), "--boxes", '{"object": [[1, 2, 3]]}'])
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--text", "   "], r"--text: the phrase '   ' is empty or only whitespace"),
+    (["--text", "x", "--boxes", '{"object": [[NaN, 0, 4, 4]]}'], r"--boxes: boxes\['object'\]\[0\]: box .* NaN"),
+    (["--text", "x", "--boxes", '{"part": [[0, 0, 4, 4], [6, 0, 2, 4]]}'],
+     r"boxes\['part'\]\[1\]: box \[6, 0, 2, 4\] has x1 < x0"),
+])
+def test_predict_refuses_blank_phrases_and_bad_boxes_before_loading(tmp_path, extra, message):
+  image = tmp_path / "image.png"
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+  with pytest.raises(ValueError, match=message):
+    predict_script.main(["--checkpoint", str(tmp_path / "nowhere"), "--image", str(image), "--out",
+                         str(tmp_path / "o.png"), *extra])
+
+
 # ------------------------------------------- with a trained checkpoint (the `trained_run` fixture, conftest.py)
 
 
@@ -429,3 +443,37 @@ def test_trainer_final_evaluation_labels_ground_truth_boxes(trained_run, tmp_pat
   # The evaluated records carry the ground-truth boxes as their proposals, named by source.
   attached = records.SplitSource(os.path.join(workdir, "eval", "proposals", "synthetic_grefcoco", "val")).record(0)
   assert attached["proposals"]["source"] == "annotations (ground-truth boxes)"
+
+
+@pytest.mark.slow
+def test_phone_photo_long_phrase_and_missing_metadata(trained_run, tmp_path):
+  """An EXIF-rotated photo gets its mask in the orientation shown; a 5000-character phrase is refused with its
+  length; a step without its metadata is named with the step to use instead."""
+  import shutil
+  from unires_jax.data import images as images_lib
+  from unires_jax.train import checkpoint as checkpoint_lib
+  name = sorted(os.listdir(os.path.join(trained_run, "synthetic", "images")))[0]
+  stored = np.asarray(Image.open(os.path.join(trained_run, "synthetic", "images", name)).convert("RGB"))
+  exif = Image.Exif()
+  exif[images_lib.EXIF_ORIENTATION_TAG] = 6  # shown turned 90° clockwise: portrait
+  photo = tmp_path / "phone.png"
+  Image.fromarray(stored).save(photo, exif=exif.tobytes())
+  (result,) = predict_script.main(["--checkpoint", trained_run, "--image", str(photo), "--text", "the tree",
+                                   "--out", str(tmp_path / "phone_mask.png")])
+  assert np.asarray(Image.open(tmp_path / "phone_mask.png")).shape == (stored.shape[1], stored.shape[0])
+
+  with pytest.raises(ValueError) as caught:
+    predict_script.main(["--checkpoint", trained_run, "--image", str(photo), "--text", "tree " * 1000,
+                         "--out", str(tmp_path / "long.png")])
+  message = str(caught.value)
+  assert "(4999 characters)" in message and "the limit is data.max_text_len" in message and len(message) < 400
+
+  broken = tmp_path / "broken_run"
+  shutil.copytree(trained_run, broken, ignore=shutil.ignore_patterns("synthetic", "prepared", "tensorboard"))
+  newest = newest_step(trained_run)
+  shutil.copytree(broken / "checkpoints" / str(newest), broken / "checkpoints" / str(newest + 1))
+  os.remove(broken / "checkpoints" / str(newest + 1) / "state" / "_METADATA")
+  with pytest.raises(checkpoint_lib.CheckpointUnreadableError,
+                     match=rf"checkpoints/{newest + 1}/state.*_METADATA.*--step {newest}"):
+    predict_script.main(["--checkpoint", str(broken), "--image", str(photo), "--text", "the tree",
+                         "--out", str(tmp_path / "o.png")])

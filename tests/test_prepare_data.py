@@ -168,3 +168,83 @@ def test_the_command_line_prints_known_errors_in_one_line(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip() == ("prepare_data.py: error: --proposal-top-k need --object-proposals or "
                                    "--part-proposals")
+
+
+def _copy_with(synthetic_dir, tmp_path, edit_instances=None, edit_images=None):
+  """A gRefCOCO-layout copy of the synthetic set: instances.json edited, images copied (and edited)."""
+  import shutil
+  data = tmp_path / "copy"
+  os.makedirs(data / "grefcoco")
+  shutil.copytree(os.path.join(synthetic_dir, "images"), data / "images")
+  shutil.copy(os.path.join(synthetic_dir, "grefcoco", "grefs(unc).json"), data / "grefcoco")
+  instances = json.load(open(os.path.join(synthetic_dir, "grefcoco", "instances.json")))
+  if edit_instances:
+    edit_instances(instances)
+  (data / "grefcoco" / "instances.json").write_text(json.dumps(instances))
+  if edit_images:
+    edit_images(data / "images", instances)
+  return data, instances
+
+
+def _image_ids(synthetic_dir, split="val"):
+  grefs = json.load(open(os.path.join(synthetic_dir, "grefcoco", "grefs(unc).json")))
+  return sorted({r["image_id"] for r in grefs if r["split"] == split})
+
+
+def test_images_dropped_while_reading_are_counted_and_listed(synthetic_dir, tmp_path):
+  """A truncated and a missing image: an error naming the file without --skip-bad; counted by reason and listed
+  with their location with it, in index.json and on the console."""
+  first, second = _image_ids(synthetic_dir, "train")[:2]
+
+  def damage(images_dir, instances):
+    names = {im["id"]: im["file_name"] for im in instances["images"]}
+    path = images_dir / names[first]
+    path.write_bytes(path.read_bytes()[:200])  # the header survives, the pixels do not
+    os.remove(images_dir / names[second])
+
+  data, instances = _copy_with(synthetic_dir, tmp_path, edit_images=damage)
+  names = {im["id"]: im["file_name"] for im in instances["images"]}
+  out = str(tmp_path / "train")
+  argv = ["--dataset", "synthetic_grefcoco", "--data-dir", str(data), "--split", "train", "--out", out,
+          "--num-shards", "2"]
+  with pytest.raises(ValueError, match=rf"image {first}: image .*{names[first]}.* cannot be decoded"):
+    prepare_data.main(argv)
+  index = prepare_data.main(argv + ["--skip-bad"])
+  assert index["skipped_bad"] == {"bad_image": 1, "missing_image": 1}
+  listed = index["skipped_bad_entries"]
+  assert len(listed) == 2 and any(names[first] in e for e in listed) and any(names[second] in e for e in listed)
+  assert index["num_images"] == len(_image_ids(synthetic_dir, "train")) - 2
+
+
+@pytest.mark.parametrize("bbox, reason", [(["a", 1, 2, 3], "finite numbers"), ([float("nan"), 1, 2, 3], "finite"),
+                                          ([1, 1, -5, 3], "negative width"), ([100, 80, 60, 30], "outside")])
+def test_bad_boxes_are_refused_naming_the_entry_or_skipped(synthetic_dir, tmp_path, bbox, reason):
+  image_id = _image_ids(synthetic_dir)[0]
+  target = {}
+
+  def edit(instances):
+    k = next(k for k, a in enumerate(instances["annotations"]) if a["image_id"] == image_id)
+    instances["annotations"][k]["bbox"] = bbox
+    target.update(index=k, id=instances["annotations"][k]["id"])
+
+  data, _ = _copy_with(synthetic_dir, tmp_path, edit_instances=edit)
+  out = str(tmp_path / "val")
+  argv = ["--dataset", "synthetic_grefcoco", "--data-dir", str(data), "--split", "val", "--out", out]
+  with pytest.raises(ValueError, match=rf"instances.json annotations\[{target['index']}\] \(id {target['id']}\): "
+                                       rf"bbox .*{reason}"):
+    prepare_data.main(argv)
+  index = prepare_data.main(argv + ["--skip-bad"])
+  assert index["skipped_bad"]["bad_bbox"] == 1
+
+
+def test_workers_do_not_fork_a_process_that_runs_jax(synthetic_dir, tmp_path):
+  import warnings
+
+  import jax
+  jax.devices()  # JAX's threads are running in this process
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    index = prepare_data.prepare("synthetic_grefcoco", synthetic_dir, "val", str(tmp_path / "val"), num_shards=2,
+                                 workers=2, progress=False)
+  assert index["num_shards"] == 2 and index["num_images"] == len(_image_ids(synthetic_dir))
+  assert not [w for w in caught if "fork" in str(w.message)], [str(w.message) for w in caught]

@@ -272,3 +272,69 @@ def test_ids_survive_readers_records_split_source(synthetic_dir, tmp_path):
     seen[(ids["ref_id"], ids["sent_id"])] = (ids["image_id"], ids["split"])
     assert ids["dataset"] == "synthetic"
   assert seen == expected and len(source) == len(expected)
+
+
+def test_an_exif_rotated_image_gets_upright_size_masks_and_boxes(refer_dir):
+  """The annotations of a phone photo (stored landscape, EXIF 'rotate 90° clockwise') are on the stored pixels;
+  the record holds the upright image's size, and its masks and boxes turn with the pixels."""
+  from unires_jax.data import images, pipeline
+  (plain,) = _read("refcoco", refer_dir, "val")
+  stored = np.random.default_rng(0).integers(0, 256, size=(H, W, 3), dtype=np.uint8)
+  exif = Image.Exif()
+  exif[images.EXIF_ORIENTATION_TAG] = 6
+  Image.fromarray(stored).save(refer_dir / "images" / "img7.png", exif=exif.tobytes())
+  (turned,) = _read("refcoco", refer_dir, "val")
+  records.validate_record(turned, "test")
+  assert (turned["height"], turned["width"]) == (W, H)
+  np.testing.assert_array_equal(pipeline.decode_image(turned), np.rot90(stored, -1))
+  for ref_plain, ref_turned in zip(plain["refs"], turned["refs"]):
+    np.testing.assert_array_equal(records.ground_truth_mask(turned, ref_turned),
+                                  np.rot90(records.ground_truth_mask(plain, ref_plain), -1))
+  boxes = {a["ann_id"]: a["bbox"] for a in turned["annotations"]}
+  assert boxes[71] == [H - 9.0, 14.0, H - 3.0, 19.0]  # (14, 3, 19, 9) turned clockwise on a 20-high image
+
+
+def test_a_truncated_image_is_named_or_counted(refer_dir):
+  path = refer_dir / "images" / "img7.png"
+  big = np.random.default_rng(0).integers(0, 256, size=(H, W, 3), dtype=np.uint8)
+  Image.fromarray(big).save(path)
+  path.write_bytes(path.read_bytes()[:120])
+  with pytest.raises(readers.MalformedEntryError, match=r"instances.json image 7: image .*img7.png.*cannot be decoded"):
+    _read("refcoco", refer_dir, "val")
+  bad = readers.BadEntries()
+  assert _read("refcoco", refer_dir, "val", skip_bad=True, bad=bad) == []
+  assert bad.counts == {"bad_image": 1} and "img7.png" in bad.messages[0]
+
+
+@pytest.mark.parametrize("box, message", [([float("nan"), 0, 1, 1], "finite numbers"), ([5, 0, 1, 1], "x1 < x0"),
+                                          (["a", 0, 1, 1], "finite numbers")])
+def test_cris_bad_boxes_name_the_entry(tmp_path, box, message):
+  folder = tmp_path / "cris"
+  os.makedirs(folder / "anns" / "refcocom")
+  entry = {"img_name": "a_1.jpg", "segment_id": 3, "bbox": box, "cat": "x", "sentences": [{"sent_id": 1, "sent": "a"}]}
+  (folder / "anns" / "refcocom" / "val.json").write_text(json.dumps([entry]))
+  with pytest.raises(readers.MalformedEntryError, match=rf"anns/refcocom/val.json entry 0: bbox .*{message}"):
+    _read("refcocom_cris", folder, "val")
+
+
+def test_the_refer_data_root_and_its_image_folder_are_found(refer_dir, tmp_path):
+  """The refer toolkit's layout: <root>/refcoco/{instances.json, refs(unc).p}, images in
+  <root>/images/mscoco/images/train2014/. Either the root or the dataset folder may be given."""
+  import shutil
+  root = tmp_path / "refer_data"
+  shutil.copytree(refer_dir, root / "refcoco", ignore=shutil.ignore_patterns("images"))
+  shutil.copytree(refer_dir / "images", root / "images" / "mscoco" / "images" / "train2014")
+  (expected,) = _read("refcoco", refer_dir, "val")
+  for data_dir in (root, root / "refcoco"):
+    (record,) = _read("refcoco", data_dir, "val")
+    assert record["image_bytes"] == expected["image_bytes"] and record["refs"] == expected["refs"]
+  sources = readers.DATASETS.lookup("refcoco").source_files(str(root), "val")
+  assert sources == [str(root / "refcoco" / "instances.json"), str(root / "refcoco" / "refs(unc).p")]
+  shutil.rmtree(root / "images")
+  with pytest.raises(FileNotFoundError) as caught:
+    _read("refcoco", root, "val")
+  message = str(caught.value)
+  assert "img7.png" in message and str(root / "images" / "mscoco" / "images" / "train2014") in message
+  assert str(root / "refcoco" / "images") in message and "--image-dir" in message
+  with pytest.raises(FileNotFoundError, match=r"refs\(unc\).p not found; looked for .*nowhere.*nowhere/refcoco"):
+    _read("refcoco", tmp_path / "nowhere", "val")

@@ -69,6 +69,8 @@ def test_encode_decode_round_trip():
     (lambda r: r["proposals"].pop("part_scores"), "proposals: key 'part_scores' missing"),
     (lambda r: r["proposals"].__setitem__("object_scores", []), "'proposals.object_scores' must be a list of 1 "),
     (lambda r: r["proposals"]["object"].__setitem__(0, [1, 2, 3]), r"'proposals.object\[0\]' must be"),
+    (lambda r: r["annotations"][0].__setitem__("bbox", [float("nan"), 0, 2, 2]), "'bbox' must be finite numbers"),
+    (lambda r: r["proposals"].__setitem__("object", [[5, 0, 1, 2]]), r"'proposals.object\[0\]' must be ordered"),
 ])
 def test_validation_names_record_and_key(mutate, message):
   record, _, _ = make_record(5)

@@ -66,19 +66,33 @@ def resolve_params_dir(path: str, step: int | None = None) -> tuple[str, str | N
 def load_params(path: str, step: int | None = None) -> tuple[dict, ml_collections.ConfigDict | None]:
   """(params as a nested dict of numpy arrays, run config or None) from a training run or an import.
 
-  For a train state only `params` is returned (optimizer state and data-iterator state are dropped); a `lora`
-  key, if the run trained LoRA factors, is kept.
+  For a train state only `params` is read (a partial restore: the optimizer and data-iterator states are never
+  loaded); a `lora` key, if the run trained LoRA factors, is kept. A step whose files are missing or damaged is a
+  `CheckpointUnreadableError` naming it and the readable steps before it.
   """
+  from unires_jax.train import checkpoint as train_checkpoint
+
   item_dir, run_dir = resolve_params_dir(path, step)
-  metadata = ocp.StandardCheckpointer().metadata(item_dir)
-  tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
-  # Restoring onto the local CPU as numpy, whatever mesh wrote the checkpoint.
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
-                              is_leaf=lambda x: hasattr(x, "shape"))
-  restored = ocp.PyTreeCheckpointer().restore(item_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  params = restored["params"] if "params" in restored and os.path.basename(item_dir) == "state" else restored
+  try:
+    params = train_checkpoint.restore_params(item_dir)
+  except train_checkpoint.CheckpointUnreadableError as error:
+    raise train_checkpoint.CheckpointUnreadableError(f"{error}{earlier_steps_hint(item_dir)}") from error
   config = load_run_config(run_dir) if run_dir else None
   return params, config
+
+
+def earlier_steps_hint(item_dir: str) -> str:
+  """"; readable earlier steps: ... (pass --step N)" for an item inside `checkpoints/<step>/state`, else ""."""
+  from unires_jax.train import checkpoint as train_checkpoint
+
+  step_dir = os.path.dirname(item_dir)
+  if not os.path.basename(step_dir).isdigit():
+    return ""
+  step = int(os.path.basename(step_dir))
+  earlier = [s for s in train_checkpoint.readable_steps(os.path.dirname(step_dir)) if s < step]
+  if not earlier:
+    return "; no earlier step of this run has its metadata"
+  return f"; earlier steps with their metadata: {earlier} (use step {earlier[-1]}: --step {earlier[-1]})"
 
 
 def save_params(directory: str, params: Any) -> str:
@@ -130,9 +144,11 @@ class TensorReader(Mapping):
         from safetensors import safe_open
         self._handles[file] = safe_open(file, framework="pt" if _has_torch() else "numpy")
       else:
-        import torch
-        self._handles[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        self._handles[file] = _torch_load(file)
     return self._handles[file]
+
+  def file_of(self, name: str) -> str:
+    return self._where[name]
 
   def __getitem__(self, name: str) -> np.ndarray:
     file = self._where[name]
@@ -148,6 +164,30 @@ class TensorReader(Mapping):
 
   def __contains__(self, name: object) -> bool:
     return name in self._where
+
+
+def _torch_load(file: str) -> Mapping:
+  """A `torch.save` state dict, memory-mapped; a file that is not one is a ValueError naming it."""
+  import pickle
+  import zipfile
+
+  import torch
+
+  if not zipfile.is_zipfile(file):
+    with open(file, "rb") as f:
+      head = f.read(2)
+    kind = "a plain Python pickle" if head[:1] == b"\x80" else "not a zip archive"
+    raise ValueError(f"weights file {file} is not a torch checkpoint: torch.save writes a zip archive, this file is "
+                     f"{kind} (convert it with torch.save, or use safetensors)")
+  try:
+    loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+  except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    raise ValueError(f"weights file {file} was refused: {first} (only tensors and plain containers are loaded; "
+                     f"nothing in the file is run)") from error
+  if not isinstance(loaded, Mapping):
+    raise ValueError(f"weights file {file} holds a {type(loaded).__name__}, expected a state dict of tensors")
+  return loaded
 
 
 def _has_torch() -> bool:
@@ -177,6 +217,10 @@ class RenamedReader(Mapping):
   def __contains__(self, name: object) -> bool:
     return name in self.names
 
+  def file_of(self, name: str) -> str:
+    file_of = getattr(self.reader, "file_of", None)
+    return file_of(self.names[name]) if file_of is not None else ""
+
 
 def stream_import(entries: Iterable[mapping.Entry], reader: Mapping[str, np.ndarray], num_layers: int,
                   abstract: Mapping[str, Any], shardings: Mapping[str, Any] | None, what: str,
@@ -202,8 +246,11 @@ def stream_import(entries: Iterable[mapping.Entry], reader: Mapping[str, np.ndar
       if missing:
         raise KeyError(f"{what}: tensor {missing[0]!r} (for {entry.jax_path}) is missing")
       claimed.update(names)
-      layer = np.asarray(entry.to_jax(*[reader[n] for n in names]))
       want_shape = tuple(want.shape[1:]) if entry.stacked else tuple(want.shape)
+      tensors = [reader[n] for n in names]
+      mapping.check_torch_shapes(entry, names, tensors, want_shape, what, getattr(reader, "file_of", None))
+      layer = np.asarray(entry.to_jax(*tensors))
+      del tensors
       if tuple(layer.shape) != want_shape:
         raise ValueError(f"{what}: tensor {names[0]!r} → {entry.jax_path} has shape {tuple(layer.shape)}, the "
                          f"model expects {want_shape} (wrong architecture or size?)")

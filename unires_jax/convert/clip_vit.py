@@ -24,6 +24,25 @@ from unires_jax.models.clip_vit import ClipVisionTransformer, ClipVitConfig
 PREFIX = "vision_model."
 
 
+# The tower's own top-level names, as transformers 5 writes them without the prefix.
+TOWER_ROOTS = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")
+
+
+def clip_vision_prefix(names, where: str) -> str:
+  """The prefix the CLIP vision tower's tensors carry in a checkpoint: `vision_model.` (CLIPModel, LLaVA towers,
+  CLIPVisionModel before transformers 5) or none (CLIPVisionModel saved by transformers 5). A KeyError naming
+  the prefixes found when neither layout is there."""
+  names = list(names)
+  if any(n.startswith(PREFIX + "embeddings.") for n in names):
+    return PREFIX
+  if any(n.startswith("embeddings.") for n in names) and any(n.startswith("encoder.") for n in names):
+    return ""
+  found = sorted({n.split(".", 1)[0] + "." for n in names})
+  raise KeyError(f"{where}: no CLIP vision tower found: expected tensors under {PREFIX!r} (CLIPModel, "
+                 f"CLIPVisionModel of transformers < 5) or {TOWER_ROOTS[0]!r} and {TOWER_ROOTS[1]!r} "
+                 f"(CLIPVisionModel of transformers 5); found the prefixes {found[:10]}")
+
+
 def _head_entries(cfg: ClipVitConfig, layer: str) -> list[mapping.Entry]:
   heads, head_dim, width = cfg.num_heads, cfg.head_dim, cfg.width
   out = []

@@ -103,6 +103,33 @@ def _as_tuple(x) -> tuple:
   return x if isinstance(x, tuple) else (x,)
 
 
+def expected_torch_shapes(entry: Entry, jax_shape: Sequence[int]) -> tuple[tuple[int, ...], ...] | None:
+  """The PyTorch tensor shapes `entry` turns into a JAX array of `jax_shape` (one layer's, for stacked entries),
+  from its inverse applied to a 1-byte stand-in; None when the inverse cannot run on one."""
+  probe = np.broadcast_to(np.zeros((), np.int8), tuple(int(d) for d in jax_shape))
+  try:
+    return tuple(tuple(np.shape(t)) for t in _as_tuple(entry.to_torch(probe)))
+  except Exception:  # noqa: BLE001 - a transform that needs real values: the shape is checked after it runs
+    return None
+
+
+def check_torch_shapes(entry: Entry, names: Sequence[str], tensors: Sequence[np.ndarray],
+                       jax_shape: Sequence[int] | None, what: str,
+                       file_of: Callable[[str], str] | None = None) -> None:
+  """Before `entry.to_jax` reshapes anything: each tensor has the shape the model needs, else a ValueError
+  naming the tensor, its file, the shape expected and the shape found."""
+  if jax_shape is None:
+    return
+  expected = expected_torch_shapes(entry, jax_shape)
+  if expected is None:
+    return
+  for name, tensor, want in zip(names, tensors, expected):
+    if tuple(np.shape(tensor)) != want:
+      where = f" in {file_of(name)}" if file_of is not None else ""
+      raise ValueError(f"{what}: tensor {name!r}{where} has shape {tuple(np.shape(tensor))}, expected {want} "
+                       f"for {entry.jax_path} {tuple(jax_shape)} (wrong architecture or size?)")
+
+
 def _layer_names(entry: Entry, num_layers: int) -> list[tuple[str, ...]]:
   return [tuple(n.format(i=i) for n in entry.torch_names) for i in range(num_layers)]
 
@@ -126,7 +153,11 @@ def import_params(entries: Iterable[Entry], state_dict: Mapping[str, np.ndarray]
       if missing:
         raise KeyError(f"{what}: tensor {missing[0]!r} (for {entry.jax_path}) is missing")
       claimed.update(names)
-      value = np.asarray(entry.to_jax(*[np.asarray(state_dict[n]) for n in names]))
+      tensors = [np.asarray(state_dict[n]) for n in names]
+      if expected is not None and entry.jax_path in expected:
+        want_shape = tuple(expected[entry.jax_path])
+        check_torch_shapes(entry, names, tensors, want_shape[1:] if entry.stacked else want_shape, what)
+      value = np.asarray(entry.to_jax(*tensors))
       if values and value.shape != values[0].shape:
         raise ValueError(f"{what}: tensor {names[0]!r} → {entry.jax_path} has shape {value.shape}, the other "
                          f"layers have {values[0].shape}")

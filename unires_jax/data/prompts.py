@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 import numpy as np
 
+from unires_jax.data import inputs
 from unires_jax.data import tokenizer as tokenizer_lib
 from unires_jax.data import transforms
 
@@ -196,13 +197,15 @@ def _padded_canvas_boxes(boxes: np.ndarray | None, height: int, width: int, size
 
 def prompt_batch(layout: Layout, tokenizer: tokenizer_lib.Tokenizer, instruction_template: str,
                  images: Sequence[np.ndarray], phrases: Sequence[str],
-                 boxes: Sequence[Mapping[str, Any] | None] | None = None) -> dict[str, np.ndarray]:
+                 boxes: Sequence[Mapping[str, Any] | None] | None = None,
+                 where: Sequence[str] | None = None) -> dict[str, np.ndarray]:
   """A batch (docs/DESIGN.md keys, numpy) holding only prompts, for generation on raw images.
 
   images: uint8 [h, w, 3] each; phrases: the referring expressions; boxes: per image None or
   {'object': [[x0, y0, x1, y1], ...], 'part': [...]} in original pixels (missing kinds = no proposals, all box
   masks False). The instruction is `instruction_template` with the phrase filled in. `loss_mask` is 1 at the last
-  prompt position only (the one that predicts the first answer token).
+  prompt position only (the one that predicts the first answer token). Phrases and boxes are checked first
+  (`data.inputs`: no blank phrase, none over the text budget, finite ordered boxes); `where` names each request.
   """
   if len(images) != len(phrases):
     raise ValueError(f"prompt batch: {len(images)} images but {len(phrases)} phrases")
@@ -211,7 +214,8 @@ def prompt_batch(layout: Layout, tokenizer: tokenizer_lib.Tokenizer, instruction
     raise ValueError(f"prompt batch: {len(images)} images but {len(boxes)} box entries")
   length = layout.max_text_len
   rows = []
-  for pixels, phrase, image_boxes in zip(images, phrases, boxes):
+  where = list(where) if where is not None else [f"request {i}" for i in range(len(images))]
+  for pixels, phrase, image_boxes, at in zip(images, phrases, boxes, where):
     pixels = np.asarray(pixels)
     height, width = pixels.shape[:2]
     image_boxes = dict(image_boxes or {})
@@ -222,12 +226,11 @@ def prompt_batch(layout: Layout, tokenizer: tokenizer_lib.Tokenizer, instruction
                image_high=transforms.preprocess_image(pixels, layout.image_size_high))  # [S_h, S_h, 3]
     for kind, max_boxes in (("object", layout.max_object_boxes), ("part", layout.max_part_boxes)):
       row[f"{kind}_boxes"], row[f"{kind}_box_mask"] = _padded_canvas_boxes(
-          image_boxes.get(kind), height, width, layout.image_size_high, max_boxes)
-    instruction = instruction_template.format(phrase=phrase.strip())
-    ids, types = prompt_ids(tokenizer, layout, instruction)
-    if len(ids) > length:
-      raise ValueError(f"phrase {phrase!r}: the prompt needs {len(ids)} tokens, more than data.max_text_len = "
-                       f"{length}")
+          inputs.check_boxes(image_boxes.get(kind), f"{at}: boxes[{kind!r}]"), height, width,
+          layout.image_size_high, max_boxes)
+    phrase, _ = inputs.fit_phrase(
+        phrase, lambda p: len(prompt_ids(tokenizer, layout, instruction_template.format(phrase=p))[0]), length, at)
+    ids, types = prompt_ids(tokenizer, layout, instruction_template.format(phrase=phrase))
     input_ids = np.full((length,), tokenizer.pad_id, np.int32)  # [L]
     input_ids[:len(ids)] = ids
     token_type = np.zeros((length,), np.int32)  # [L]

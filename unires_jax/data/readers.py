@@ -12,6 +12,7 @@ import collections
 import dataclasses
 import glob
 import json
+import math
 import os
 import re
 from typing import Any, Callable, Iterator, Sequence
@@ -21,7 +22,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from unires_jax import registry
-from unires_jax.data import records, safe_pickle
+from unires_jax.data import images, records, safe_pickle
 
 DATASETS = registry.Registry("dataset")
 
@@ -82,6 +83,8 @@ def _emit(plans: list[_ImagePlan], bad: BadEntries, skip_bad: bool,
       continue
     try:
       record = plan.build()
+      if record is not None:
+        record = _upright(record)
     except MalformedEntryError as error:
       bad.handle(error, skip_bad)
       continue
@@ -111,17 +114,75 @@ def _get(entry: Any, key: str, where: str) -> Any:
 
 
 def _read_image(image_dir: str, file_name: str, where: str) -> tuple[bytes, int, int]:
+  """(file bytes, stored height, stored width); every pixel is decoded so a truncated file fails here."""
   path = os.path.join(image_dir, file_name)
   if not os.path.exists(path):
     raise MalformedEntryError("missing_image", f"{where}: image {path} missing")
   with open(path, "rb") as f:
     data = f.read()
   try:
-    with Image.open(path) as image:
-      width, height = image.size
-  except OSError as error:
-    raise MalformedEntryError("bad_image", f"{where}: image {path} unreadable ({error})") from error
+    height, width, orientation = images.image_info(data, where=f"{where}: image {path}")
+  except images.ImageError as error:
+    raise MalformedEntryError("bad_image", str(error)) from error
+  if orientation in (5, 6, 7, 8):
+    height, width = width, height  # annotations are on the stored pixels (_upright turns them)
   return data, height, width
+
+
+def _upright(record: dict) -> dict:
+  """A record whose image carries an EXIF orientation, with masks, boxes and size turned to the upright image
+  the pipeline decodes. Annotations are taken to be on the stored pixels, as COCO's are (data/README.md)."""
+  orientation = images.read_orientation(record["image_bytes"])
+  if orientation == 1:
+    return record
+  height, width = record["height"], record["width"]
+  annotations = []
+  for ann in record["annotations"]:
+    mask = mask_utils.decode(dict(ann["rle"], counts=ann["rle"]["counts"].encode("ascii")))  # [h, w] uint8
+    turned = np.asfortranarray(images.orient_mask(mask, orientation))
+    box = images.orient_boxes(np.asarray([ann["bbox"]]), orientation, height, width)[0]
+    annotations.append(dict(ann, bbox=[float(v) for v in box], rle=_rle_to_record(mask_utils.encode(turned))))
+  upright_hw = (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+  proposals = dict(record["proposals"])
+  for kind in records.PROPOSAL_KINDS:
+    proposals[kind] = [[float(v) for v in box] for box in images.orient_boxes(
+        np.asarray(proposals[kind], np.float64).reshape(-1, 4), orientation, height, width)]
+  return dict(record, height=upright_hw[0], width=upright_hw[1], annotations=annotations, proposals=proposals)
+
+
+def _box(values: Any, where: str, layout: str) -> list[float]:
+  """Four finite numbers as (x0, y0, x1, y1) from `layout` 'xywh' (w, h >= 0) or 'xyxy' (x1 >= x0, y1 >= y0)."""
+  expected = "[x, y, w, h]" if layout == "xywh" else "[x0, y0, x1, y1]"
+  if not isinstance(values, (list, tuple)) or len(values) != 4:
+    raise MalformedEntryError("bad_bbox", f"{where}: bbox must be {expected}, got {values!r}")
+  try:
+    numbers = [float(v) for v in values if not isinstance(v, (bool, str))]
+  except (TypeError, ValueError):
+    numbers = []
+  if len(numbers) != 4 or not all(math.isfinite(v) for v in numbers):
+    raise MalformedEntryError("bad_bbox", f"{where}: bbox must be {expected} of finite numbers, got {values!r}")
+  if layout == "xywh":
+    x, y, w, h = numbers
+    if w < 0 or h < 0:
+      raise MalformedEntryError("bad_bbox", f"{where}: bbox {values!r} has a negative width or height")
+    return [x, y, x + w, y + h]
+  x0, y0, x1, y1 = numbers
+  if x1 < x0 or y1 < y0:
+    raise MalformedEntryError("bad_bbox", f"{where}: bbox {values!r} has x1 < x0 or y1 < y0")
+  return numbers
+
+
+# A box may overhang the image by this many pixels (rounding in the source annotations) and is then clipped.
+BOX_TOLERANCE_PX = 1.0
+
+
+def _fit_box(box: list[float], height: int, width: int, where: str) -> list[float]:
+  """The box clipped to the image; a box further outside than BOX_TOLERANCE_PX is refused."""
+  x0, y0, x1, y1 = box
+  t = BOX_TOLERANCE_PX
+  if x0 < -t or y0 < -t or x1 > width + t or y1 > height + t:
+    raise MalformedEntryError("bad_bbox", f"{where}: bbox {box} lies outside the {width}x{height} image")
+  return [min(max(x0, 0.0), width), min(max(y0, 0.0), height), min(max(x1, 0.0), width), min(max(y1, 0.0), height)]
 
 
 def _rle_to_record(rle: dict) -> dict:
@@ -149,10 +210,7 @@ def segmentation_to_rle(segmentation: Any, height: int, width: int, where: str) 
 
 
 def _xywh_to_xyxy(bbox: Any, where: str) -> list[float]:
-  if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-    raise MalformedEntryError("bad_bbox", f"{where}: bbox must be [x, y, w, h], got {bbox!r}")
-  x, y, w, h = (float(v) for v in bbox)
-  return [x, y, x + w, y + h]
+  return _box(bbox, where, "xywh")
 
 
 def _sentences(ref: dict, where: str) -> list[dict]:
@@ -169,10 +227,56 @@ def _sentences(ref: dict, where: str) -> list[dict]:
 # ------------------------------------------------------------------------------- refer and gRefCOCO (COCO)
 
 
-def _coco_plans(dataset: str, split: str, instances_path: str, refs: list[tuple[str, dict]], image_dir: str,
-                normalise: Callable[[dict, str], dict], bad: BadEntries, skip_bad: bool,
+def _dataset_dir(data_dir: str, dataset: str, required: str) -> str:
+  """The folder holding `required`: `data_dir` itself, or `data_dir/<dataset>` when `data_dir` is the refer
+  toolkit's data root (refcoco/, refcoco+/, refcocog/ side by side). A FileNotFoundError lists both places."""
+  candidates = [data_dir, os.path.join(data_dir, dataset)]
+  for candidate in candidates:
+    if os.path.exists(os.path.join(candidate, required)):
+      return candidate
+  raise FileNotFoundError(f"{dataset}: {required} not found; looked for "
+                          f"{[os.path.join(c, required) for c in candidates]} (--data-dir may be the dataset folder "
+                          f"or the data root that holds {dataset}/)")
+
+
+# Where images sit relative to the data root: the refer toolkit (images/mscoco/images/train2014), gRefCOCO's
+# ReLA layout (images/train2014), and a plain images/ folder.
+IMAGE_FOLDERS = (os.path.join("images", "mscoco", "images", "train2014"), os.path.join("images", "train2014"),
+                 "images")
+IMAGE_DIR_PROBES = 20  # images looked up to decide which candidate folder holds a dataset's images
+
+
+def image_dir_candidates(data_dir: str, dataset_dir: str) -> list[str]:
+  """`<dataset folder>/images`, then the data root's refer, ReLA and plain image folders (the root is `data_dir`
+  when the dataset sits in a subfolder of it, else the dataset folder's parent)."""
+  root = data_dir if os.path.abspath(dataset_dir) != os.path.abspath(data_dir) else os.path.dirname(
+      os.path.abspath(data_dir))
+  out = [os.path.join(dataset_dir, "images")] + [os.path.join(root, folder) for folder in IMAGE_FOLDERS]
+  return list(dict.fromkeys(out))
+
+
+def pick_image_dir(candidates: Sequence[str], file_names: Sequence[str], what: str) -> str:
+  """The first candidate folder holding one of the first `IMAGE_DIR_PROBES` file names, else the first that exists
+  (its missing images are then named one by one); a FileNotFoundError listing the folders searched when none
+  exists."""
+  probes = list(file_names)[:IMAGE_DIR_PROBES]
+  for candidate in candidates:
+    if any(os.path.exists(os.path.join(candidate, name)) for name in probes):
+      return candidate
+  existing = [candidate for candidate in candidates if os.path.isdir(candidate)]
+  if existing or not probes:
+    return existing[0] if existing else candidates[0]
+  raise FileNotFoundError(f"{what}: images not found (e.g. {probes[0]!r}); searched {list(candidates)}. Pass "
+                          f"--image-dir with the folder that holds them (COCO train2014)")
+
+
+def _coco_plans(dataset: str, split: str, instances_path: str, refs: list[tuple[str, dict]],
+                image_dir: str | Sequence[str], normalise: Callable[[dict, str], dict], bad: BadEntries, skip_bad: bool,
                 plan_bad: BadEntries) -> list[_ImagePlan]:
-  """Plans for refs over a COCO `instances.json`; `normalise(ref, where)` → {ref_id, image_id, ann_ids, ...}."""
+  """Plans for refs over a COCO `instances.json`; `normalise(ref, where)` → {ref_id, image_id, ann_ids, ...}.
+
+  `image_dir` is a folder, or candidate folders of which the first holding this split's images is used.
+  """
   instances = _load_json(instances_path)
   images = {int(im["id"]): im for im in _get(instances, "images", instances_path)}
   anns_by_id = {}
@@ -198,6 +302,9 @@ def _coco_plans(dataset: str, split: str, instances_path: str, refs: list[tuple[
       plan_bad.handle(error, skip_bad)
       continue
     refs_by_image[ref["image_id"]].append(ref)
+  if not isinstance(image_dir, str):
+    names = [str(images[i].get("file_name", "")) for i in sorted(refs_by_image)]
+    image_dir = pick_image_dir(image_dir, names, f"{dataset} {split}")
 
   def plan(image_id: int, image_refs: list[dict]) -> _ImagePlan:
     def build() -> dict | None:
@@ -213,7 +320,7 @@ def _coco_plans(dataset: str, split: str, instances_path: str, refs: list[tuple[
               "ann_id": int(ann["id"]),
               "category": categories.get(int(ann.get("category_id", -1)), str(ann.get("category_id", ""))),
               "granularity": "object",
-              "bbox": _xywh_to_xyxy(_get(ann, "bbox", at), at),
+              "bbox": _fit_box(_xywh_to_xyxy(_get(ann, "bbox", at), at), height, width, at),
               "rle": segmentation_to_rle(_get(ann, "segmentation", at), height, width, at)})
         except MalformedEntryError as error:
           bad.handle(error, skip_bad)
@@ -240,9 +347,8 @@ def read_refer(data_dir: str, split: str, *, split_by: str = "unc", image_dir: s
                shard: tuple[int, int] | None = None) -> Iterator[dict]:
   """RefCOCO / RefCOCO+ / RefCOCOg: `refs({split_by}).p` (restricted unpickling) + `instances.json`."""
   bad = BadEntries() if bad is None else bad
-  refs_path = os.path.join(data_dir, f"refs({split_by}).p")
-  if not os.path.exists(refs_path):
-    raise FileNotFoundError(f"refer refs file {refs_path} missing (split_by={split_by!r})")
+  dataset_dir = _dataset_dir(data_dir, dataset, f"refs({split_by}).p")
+  refs_path = os.path.join(dataset_dir, f"refs({split_by}).p")
   raw_refs = safe_pickle.load_file(refs_path)
   if not isinstance(raw_refs, list):
     raise MalformedEntryError("bad_entry", f"{refs_path}: expected a list of refs, got {type(raw_refs).__name__}")
@@ -253,8 +359,8 @@ def read_refer(data_dir: str, split: str, *, split_by: str = "unc", image_dir: s
             "sentences": _sentences(ref, where), "where": where}
 
   refs = [(f"{refs_path} entry {i}", ref) for i, ref in enumerate(raw_refs)]
-  plans = _coco_plans(dataset, split, os.path.join(data_dir, "instances.json"), refs,
-                      image_dir or os.path.join(data_dir, "images"), normalise, bad, skip_bad,
+  plans = _coco_plans(dataset, split, os.path.join(dataset_dir, "instances.json"), refs,
+                      image_dir or image_dir_candidates(data_dir, dataset_dir), normalise, bad, skip_bad,
                       _plan_bad(bad, shard))
   return _emit(plans, bad, skip_bad, shard)
 
@@ -264,7 +370,8 @@ def read_grefcoco(data_dir: str, split: str, *, split_by: str = "unc", image_dir
                   shard: tuple[int, int] | None = None) -> Iterator[dict]:
   """gRefCOCO: `grefs({split_by}).json` (ann_id lists, [-1] / no_target for nothing) + `instances.json`."""
   bad = BadEntries() if bad is None else bad
-  refs_path = os.path.join(data_dir, f"grefs({split_by}).json")
+  dataset_dir = _dataset_dir(data_dir, dataset, f"grefs({split_by}).json")
+  refs_path = os.path.join(dataset_dir, f"grefs({split_by}).json")
   raw_refs = _load_json(refs_path)
 
   def normalise(ref: dict, where: str) -> dict:
@@ -281,18 +388,20 @@ def read_grefcoco(data_dir: str, split: str, *, split_by: str = "unc", image_dir
             "where": where}
 
   refs = [(f"{refs_path} entry {i}", ref) for i, ref in enumerate(raw_refs)]
-  plans = _coco_plans(dataset, split, os.path.join(data_dir, "instances.json"), refs,
-                      image_dir or os.path.join(data_dir, "images"), normalise, bad, skip_bad,
+  plans = _coco_plans(dataset, split, os.path.join(dataset_dir, "instances.json"), refs,
+                      image_dir or image_dir_candidates(data_dir, dataset_dir), normalise, bad, skip_bad,
                       _plan_bad(bad, shard))
   return _emit(plans, bad, skip_bad, shard)
 
 
-def _refer_sources(data_dir, split, *, split_by="unc", **_):
-  return [os.path.join(data_dir, "instances.json"), os.path.join(data_dir, f"refs({split_by}).p")]
+def _refer_sources(data_dir, split, *, split_by="unc", dataset="refcoco", **_):
+  folder = _dataset_dir(data_dir, dataset, f"refs({split_by}).p")
+  return [os.path.join(folder, "instances.json"), os.path.join(folder, f"refs({split_by}).p")]
 
 
-def _grefcoco_sources(data_dir, split, *, split_by="unc", **_):
-  return [os.path.join(data_dir, "instances.json"), os.path.join(data_dir, f"grefs({split_by}).json")]
+def _grefcoco_sources(data_dir, split, *, split_by="unc", dataset="grefcoco", **_):
+  folder = _dataset_dir(data_dir, dataset, f"grefs({split_by}).json")
+  return [os.path.join(folder, "instances.json"), os.path.join(folder, f"grefs({split_by}).json")]
 
 
 # ------------------------------------------------------------------------------------------ CRIS / RefCOCOm
@@ -340,16 +449,14 @@ def read_cris(data_dir: str, split: str, *, name: str = "refcocom", image_dir: s
       img_name = str(_get(entry, "img_name", where))
       image_id = int(entry["image_id"]) if "image_id" in entry else _image_id_from_name(img_name, where)
       segment_id = int(_get(entry, "segment_id", where))
-      box = _get(entry, "bbox", where)
-      if not isinstance(box, list) or len(box) != 4:
-        raise MalformedEntryError("bad_bbox", f"{where}: bbox must be [x0, y0, x1, y1], got {box!r}")
+      box = _box(_get(entry, "bbox", where), where, "xyxy")
       category = str(_get(entry, "cat", where))
       granularity = entry.get("granularity", "part" if category in part_categories else "object")
       if granularity not in ("object", "part"):
         raise MalformedEntryError("bad_entry", f"{where}: granularity must be 'object' or 'part', got "
                                   f"{granularity!r}")
       by_image[(image_id, img_name)].append({
-          "where": where, "segment_id": segment_id, "bbox": [float(v) for v in box], "category": category,
+          "where": where, "segment_id": segment_id, "bbox": box, "category": category,
           "granularity": granularity, "sentences": _sentences(entry, where)})
     except MalformedEntryError as error:
       _plan_bad(bad, shard).handle(error, skip_bad)
@@ -367,10 +474,11 @@ def read_cris(data_dir: str, split: str, *, name: str = "refcocom", image_dir: s
           if mask.shape != (height, width):
             raise MalformedEntryError("bad_mask", f"{entry['where']}: mask {mask_path} is {mask.shape}, image "
                                       f"{img_name} is {(height, width)}")
+          box = _fit_box(entry["bbox"], height, width, entry["where"])
         except MalformedEntryError as error:
           bad.handle(error, skip_bad)
           continue
-        annotation, ref = segment_annotation_and_ref(entry, mask, split)
+        annotation, ref = segment_annotation_and_ref(dict(entry, bbox=box), mask, split)
         annotations.append(annotation)
         refs.append(ref)
       if not refs:
@@ -418,7 +526,7 @@ def read_mres(data_dir: str, split: str, *, image_dir: str | None = None, datase
                                       f"{granularity!r}")
           ann_id = int(_get(ann, "id", at))
           annotation = {"ann_id": ann_id, "category": str(_get(ann, "category", at)), "granularity": granularity,
-                        "bbox": _xywh_to_xyxy(_get(ann, "bbox", at), at),
+                        "bbox": _fit_box(_xywh_to_xyxy(_get(ann, "bbox", at), at), height, width, at),
                         "rle": segmentation_to_rle(_get(ann, "segmentation", at), height, width, at)}
           sentences = [{"sent_id": int(_get(c, "caption_id", f"{at} captions[{j}]")),
                         "sent": str(_get(c, "text", f"{at} captions[{j}]"))}

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import io
 import json
+import math
 import os
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import msgpack
 import numpy as np
-from PIL import Image
 from pycocotools import mask as mask_utils
+
+from unires_jax.data import images
 
 DATASETS = ("refcoco", "refcoco+", "refcocog", "grefcoco", "refcocom", "mres32m", "synthetic")
 ANNOTATION_GRANULARITIES = ("object", "part")
@@ -68,6 +69,8 @@ def _require(mapping: Any, keys: Sequence[str], where: str) -> None:
 def _validate_box(box: Any, where: str, key: str) -> None:
   _expect(isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(v) for v in box), where, key,
           "[x0, y0, x1, y1] numbers", box)
+  _expect(all(math.isfinite(float(v)) for v in box), where, key, "finite numbers (no NaN or inf)", box)
+  _expect(box[2] >= box[0] and box[3] >= box[1], where, key, "ordered (x1 >= x0, y1 >= y0)", box)
 
 
 def empty_proposals(source: str = NO_BOXES_SOURCE) -> dict:
@@ -204,13 +207,16 @@ def _summarise(record: dict) -> dict:
   }
 
 
-def write_shard(records: Iterable[dict], path: str, skipped: dict[str, int] | None = None,
-                proposal_report: Callable[[], dict] | None = None) -> dict:
+def write_shard(records: Iterable[dict], path: str, skipped: Mapping[str, int] | None = None,
+                proposal_report: Callable[[], dict] | None = None,
+                skipped_entries: Sequence[str] | None = None) -> dict:
   """Writes one ArrayRecord shard atomically (temp name, then rename) and its summary beside it.
 
   The summary (`<shard>.summary.json`) is written after the shard, so a shard with a summary is complete; a rerun
   of prepare_data skips it. `proposal_report()`, called once every record is written, is what the proposal source
   counted on this shard (e.g. `DetectionFiles.report()`); it is kept in the summary as `proposal_report`.
+  `skipped` (counts by reason) and `skipped_entries` (where each dropped entry was) are read after `records` is
+  exhausted too, so entries a lazy reader drops while it runs are counted.
   """
   from array_record.python import array_record_module
 
@@ -227,7 +233,8 @@ def write_shard(records: Iterable[dict], path: str, skipped: dict[str, int] | No
     raise
   writer.close()
   os.replace(temp, path)
-  summary = {"shard": os.path.basename(path), "records": summaries, "skipped": dict(skipped or {})}
+  summary = {"shard": os.path.basename(path), "records": summaries, "skipped": dict(skipped or {}),
+             "skipped_entries": list(skipped_entries or [])}
   if proposal_report is not None:
     summary["proposal_report"] = proposal_report()
   _atomic_write_bytes(path + SHARD_SUMMARY_SUFFIX, json.dumps(summary).encode())
@@ -265,6 +272,7 @@ def finalize_split(out_dir: str, num_shards: int, *, dataset: str = "", split: s
   proposal_sources = collections.Counter()
   proposal_boxes = collections.Counter()
   skipped = collections.Counter(extra_skipped or {})
+  skipped_entries: list[str] = []
   num_refs = num_masks = 0
   record_index = 0
   for k in range(num_shards):
@@ -274,6 +282,7 @@ def finalize_split(out_dir: str, num_shards: int, *, dataset: str = "", split: s
       raise RecordError(f"split {out_dir}: shard {shard_name(k, num_shards)} is missing or unfinished")
     shard_sizes.append(len(summary["records"]))
     skipped.update(summary["skipped"])
+    skipped_entries.extend(summary.get("skipped_entries", []))
     for record_summary in summary["records"]:
       if "proposal_source" not in record_summary:
         raise RecordError(f"split {out_dir}: shard summary {shard_name(k, num_shards)}{SHARD_SUMMARY_SUFFIX} "
@@ -309,6 +318,7 @@ def finalize_split(out_dir: str, num_shards: int, *, dataset: str = "", split: s
       "proposals": {"sources": dict(sorted(proposal_sources.items())),
                     **{f"{kind}_boxes": proposal_boxes[kind] for kind in PROPOSAL_KINDS},
                     **({"summary": proposal_summary} if proposal_summary is not None else {})},
+      "skipped_bad_entries": skipped_entries,
   }
   _atomic_write_bytes(os.path.join(out_dir, INDEX), json.dumps(index, indent=2).encode())
   return index
@@ -402,10 +412,9 @@ def decode_image(record: dict) -> np.ndarray:
   """uint8 [h, w, 3] from the record's encoded bytes; the size must match the record's height/width."""
   where = f"{record['dataset']}/{record['image_id']} ({record['file_name']})"
   try:
-    with Image.open(io.BytesIO(record["image_bytes"])) as image:
-      pixels = np.asarray(image.convert("RGB"), np.uint8)
-  except (OSError, ValueError) as error:
-    raise RecordError(f"record {where}: image_bytes do not decode ({error})") from error
+    pixels = images.load_image(record["image_bytes"], where=f"record {where}")  # upright, any PIL mode
+  except images.ImageError as error:
+    raise RecordError(str(error)) from error
   if pixels.shape[:2] != (record["height"], record["width"]):
     raise RecordError(f"record {where}: image decodes to {pixels.shape[:2]}, the record says "
                                   f"{(record['height'], record['width'])}")

@@ -69,9 +69,7 @@ def _sentences(entry: dict, where: str) -> list[dict]:
 
 def _entry(entry: Any, where: str, part_only: bool, part_categories: set[str]) -> dict:
   img_name = str(readers._get(entry, "img_name", where))
-  box = readers._get(entry, "bbox", where)
-  if not isinstance(box, list) or len(box) != 4:
-    raise readers.MalformedEntryError("bad_bbox", f"{where}: bbox must be [x0, y0, x1, y1], got {box!r}")
+  box = readers._box(readers._get(entry, "bbox", where), where, "xyxy")  # finite, x1 >= x0, y1 >= y0
   category = str(readers._get(entry, "cat", where))
   granularity = "part" if part_only else entry.get("granularity",
                                                    "part" if category in part_categories else "object")
@@ -80,7 +78,7 @@ def _entry(entry: Any, where: str, part_only: bool, part_categories: set[str]) -
                                       f"{granularity!r}")
   image_id = int(entry["image_id"]) if "image_id" in entry else readers._image_id_from_name(img_name, where)
   return {"where": where, "img_name": img_name, "image_id": image_id,
-          "segment_id": int(readers._get(entry, "segment_id", where)), "bbox": [float(v) for v in box],
+          "segment_id": int(readers._get(entry, "segment_id", where)), "bbox": box,
           "category": category, "granularity": granularity, "sentences": _sentences(entry, where)}
 
 
@@ -135,10 +133,11 @@ def read_refcocom(data_dir: str, split: str, *, image_dir: str | None = None, da
         mask_path = os.path.join(data_dir, "masks", f"{entry['segment_id']}.png")
         try:
           mask = _png_mask(mask_path, height, width, entry["where"], img_name)
+          box = readers._fit_box(entry["bbox"], height, width, entry["where"])
         except readers.MalformedEntryError as error:
           bad.handle(error, skip_bad)
           continue
-        annotation, ref = readers.segment_annotation_and_ref(entry, mask, split)
+        annotation, ref = readers.segment_annotation_and_ref(dict(entry, bbox=box), mask, split)
         annotations.append(annotation)
         refs.append(ref)
       if not refs:

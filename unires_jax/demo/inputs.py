@@ -10,6 +10,8 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from unires_jax.data import images
+
 DEFAULT_MAX_IMAGE_SIDE = 2048  # pixels of the longer side above which an upload is downscaled
 
 
@@ -35,9 +37,11 @@ def load_upload(path: str | None, max_side: int = DEFAULT_MAX_IMAGE_SIDE) -> Upl
       warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse rather than decode a giant
       with Image.open(path) as image:
         width, height = image.size
+        if images.exif_orientation(image) in (5, 6, 7, 8):  # shown turned a quarter: the sides swap
+          width, height = height, width
         if max(width, height) > max_side:
           image.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale right away
-        rgb = image.convert("RGB")
+        rgb = Image.fromarray(images.upright_rgb(image))  # as a viewer shows it: EXIF, 16-bit, alpha, CMYK
   except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
     raise DemoInputError(f"{name!r} is too large to decode safely ({error}).") from error
   except (OSError, SyntaxError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from unires_jax.convert import checkpoints as checkpoints_lib
 from unires_jax.models import lora as lora_lib
+from unires_jax.train import checkpoint as train_checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,27 +31,10 @@ class LoadedCheckpoint:
   item_dir: str
 
 
-def _is_array_metadata(node: Any) -> bool:
-  return hasattr(node, "shape") and hasattr(node, "dtype")
-
-
 def restore_params(item_dir: str) -> dict:
-  """The params of an Orbax item as numpy arrays: the `params` subtree of a train state (partial restore, the
-  optimizer state is not read) or the whole tree of a params-only item (`scripts/import_pretrained.py`)."""
-  metadata = ocp.StandardCheckpointer().metadata(item_dir)
-  tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
-  is_state = isinstance(tree, dict) and "params" in tree and "opt_state" in tree
-  params_tree = tree["params"] if is_state else tree
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), params_tree, is_leaf=_is_array_metadata)
-  # Restored onto the host as numpy, whatever mesh wrote the checkpoint.
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_tree,
-                              is_leaf=_is_array_metadata)
-  checkpointer = ocp.PyTreeCheckpointer()
-  if is_state:
-    restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
-        item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
-    return restored["params"]
-  return checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+  """The params of an Orbax item as numpy arrays (the optimizer state is never read; see
+  `unires_jax.train.checkpoint.restore_params`)."""
+  return train_checkpoint.restore_params(item_dir)
 
 
 def rebase_path(path: str, workdir: str, exists: Callable[[str], bool] = os.path.exists) -> str:
@@ -128,6 +111,10 @@ def load_checkpoint(path: str, step: int | None = None) -> LoadedCheckpoint:
   step_name = os.path.basename(os.path.dirname(item_dir))
   config = checkpoints_lib.load_run_config(run_dir)
   config = resolve_run_paths(config, run_dir)
-  params = merge_lora_params(restore_params(item_dir), config)
+  try:
+    params = restore_params(item_dir)
+  except train_checkpoint.CheckpointUnreadableError as error:
+    raise train_checkpoint.CheckpointUnreadableError(f"{error}{checkpoints_lib.earlier_steps_hint(item_dir)}") from error
+  params = merge_lora_params(params, config)
   return LoadedCheckpoint(config=config, params=params, workdir=run_dir,
                           step=int(step_name) if step_name.isdigit() else None, item_dir=item_dir)

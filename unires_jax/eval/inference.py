@@ -139,7 +139,9 @@ def make_prompt_batch(config: ml_collections.ConfigDict, tokenizer: tokenizer_li
   {'object': [[x0, y0, x1, y1], ...], 'part': [...]} in original pixels (missing kinds = no proposals, all box
   masks False). The instruction is `data.instruction_templates[0]`, as the eval pipeline picks it, and the prompt
   comes from `pipeline.prompt_ids`, so train, eval and inference see the same tokens. `loss_mask` is 1 at the last
-  prompt position only (the one that predicts the first answer token).
+  prompt position only (the one that predicts the first answer token). Phrases and boxes are checked
+  (`data.inputs`: no blank phrase, none over the text budget, finite ordered boxes); `where` names each request
+  in those errors.
   """
   data = pipeline.DataConfig(**config.data.to_dict())
   return prompts.prompt_batch(pipeline.Layout.from_config(config), tokenizer, data.instruction_templates[0], images,

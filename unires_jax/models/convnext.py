@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unires_jax.models.layers import fan_in_uniform
 from unires_jax.sharding import with_logical_constraint, logical_init
 
 Dtype = Any
@@ -107,13 +108,13 @@ def _layer_norm(config: ConvNextConfig, dtype: Dtype, param_dtype: Dtype, name: 
 
 
 def _conv(features: int, kernel: int, stride: int, dtype: Dtype, param_dtype: Dtype, name: str,
-          in_axis: str | None) -> nn.Conv:
+          in_axis: str | None, bias_init=nn.initializers.zeros) -> nn.Conv:
   """A strided, unpadded conv (the stem and the downsampling layers)."""
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="VALID", dtype=dtype,
                  param_dtype=param_dtype, name=name,
                  kernel_init=logical_init(nn.initializers.lecun_normal(),
                                                           ("conv_spatial", None, in_axis, "mlp")),
-                 bias_init=logical_init(nn.initializers.zeros, ("mlp",)))
+                 bias_init=logical_init(bias_init, ("mlp",)))
 
 
 class ConvNextBlock(nn.Module):
@@ -184,8 +185,10 @@ class ConvNeXt(nn.Module):
     if height % TOTAL_STRIDE or width % TOTAL_STRIDE:
       raise ValueError(f"ConvNeXt: image size {height}x{width} is not divisible by the total stride "
                        f"{TOTAL_STRIDE}")
-    features = _conv(cfg.dims[0], STEM_STRIDE, STEM_STRIDE, self.dtype, self.param_dtype, "stem_conv", None)(
-        images.astype(self.dtype))  # [B, H/4, W/4, C0]
+    # A non-zero stem bias keeps the zero padding of resize-longest images off a zero-variance LayerNorm.
+    stem_bias = fan_in_uniform(STEM_STRIDE * STEM_STRIDE * images.shape[-1])
+    features = _conv(cfg.dims[0], STEM_STRIDE, STEM_STRIDE, self.dtype, self.param_dtype, "stem_conv", None,
+                     stem_bias)(images.astype(self.dtype))  # [B, H/4, W/4, C0]
     features = _layer_norm(cfg, self.dtype, self.param_dtype, "stem_norm")(features)
     features = with_logical_constraint(features, FEATURE_MAP)
     feature_maps = []

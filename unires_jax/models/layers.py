@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from unires_jax.sharding import logical_init
+
+
+def fan_in_uniform(fan_in: int):
+  """U(-1/√fan_in, 1/√fan_in), PyTorch's default conv bias.
+
+  For the first layer on zero-padded images: with a zero bias, every padded pixel's features are equal across
+  channels, and the LayerNorm after them has zero variance and scales gradients by 1/√eps (10^3 per norm).
+  """
+  bound = 1.0 / float(fan_in) ** 0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
 
 
 def logical_dense(features: int, names: tuple[str, str], name: str | None = None, dtype=jnp.float32,

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unires_jax.models.layers import fan_in_uniform
 from unires_jax.sharding import logical_init, with_logical_constraint
 
 Dtype = Any
@@ -274,7 +275,8 @@ class SamVisionEncoder(nn.Module):
         cfg.width, (cfg.patch_size, cfg.patch_size), strides=(cfg.patch_size, cfg.patch_size), padding="VALID",
         dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed",
         kernel_init=logical_init(nn.initializers.lecun_normal(), (None, None, None, "embed")),
-        bias_init=logical_init(nn.initializers.zeros, ("embed",)),
+        # Not zero: zero-padded patches would meet the first LayerNorm with zero variance (layers.fan_in_uniform).
+        bias_init=logical_init(fan_in_uniform(cfg.patch_size * cfg.patch_size * images.shape[-1]), ("embed",)),
     )(images.astype(self.dtype))  # [B, g, g, D]
     pos_embed = self.param("pos_embed", logical_init(nn.initializers.zeros, (None, None, "embed")),
                            (cfg.grid_size, cfg.grid_size, cfg.width), self.param_dtype)

@@ -28,6 +28,7 @@ from unires_jax.train import checkpoint as checkpoint_lib
 from unires_jax.train import lora as lora_lib
 from unires_jax.train import optimizer as optimizer_lib
 from unires_jax.train import partition
+from unires_jax.train import run_lock
 from unires_jax.train import state as state_lib
 from unires_jax.train import step as step_lib
 
@@ -156,8 +157,15 @@ def load_initial_params(path: str, fresh_params: Any, param_shardings: Any) -> A
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) training to `config.train.total_steps`; returns the last logged metrics and paths."""
-  os.makedirs(workdir, exist_ok=True)
+  """Runs (or resumes) training to `config.train.total_steps`; returns the last logged metrics and paths.
+
+  The workdir is locked for the run (`run_lock`): a second trainer on it is refused before it touches anything.
+  """
+  with run_lock.hold(workdir):
+    return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config = resolve_workdir_paths(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.sharding_rules)
@@ -231,6 +239,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   last = {}
   window_start, window_steps = time.perf_counter(), 0
   step = start_step
+  save_failed = False
   try:
     while step < total:
       local_batch = next(train_iter)
@@ -259,8 +268,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if not saved:
           checkpointer.save(step, state, train_iter, force=True)
         break
+  except checkpoint_lib.CheckpointSaveError:
+    save_failed = True  # the run stops here; the error names the intact steps
+    raise
   finally:
-    checkpointer.wait()
+    if not save_failed:
+      checkpointer.wait()
     preemption.restore()
     if progress is not None:
       progress.close()

@@ -8,12 +8,17 @@ import logging
 import jax
 import ml_collections
 
-from unires_jax.train import loop
+from unires_jax.train import loop, run_lock
 
 log = logging.getLogger(__name__)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  with run_lock.hold(workdir):  # before the toy data is written into the workdir
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config = loop.resolve_workdir_paths(config, workdir)
   if "synthetic" in config:
     from unires_jax.data import toy
