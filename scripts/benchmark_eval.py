@@ -29,7 +29,8 @@ import numpy as np  # noqa: E402
 
 import itertools  # noqa: E402
 
-from unires_jax.data import readers, records, synthetic  # noqa: E402
+from unires_jax.data import records, synthetic  # noqa: E402
+from unires_jax.data import datasets  # noqa: E402
 from unires_jax.eval import metrics as metrics_lib  # noqa: E402
 from unires_jax.eval import predictions as predictions_lib  # noqa: E402
 from unires_jax.eval import scoring  # noqa: E402
@@ -80,12 +81,12 @@ def model_in_the_loop(size: str, data_dir: str, work_dir: str, num_images: int, 
   import configs.toy as toy_config
   import configs.unires_7b as full_config
   from unires_jax import sharding
-  from unires_jax.eval import evaluators, inference, loop
+  from unires_jax.eval import evaluators, inference, predict_fns
   from unires_jax.train import state as state_lib
 
   split_dir = os.path.join(work_dir, f"prepared_{num_images}", "val")
   if not os.path.exists(os.path.join(split_dir, records.INDEX)):
-    records.write_split(itertools.islice(readers.DATASETS.lookup(READER)(data_dir, "val"), num_images), split_dir,
+    records.write_split(itertools.islice(datasets.DATASETS.lookup(READER)(data_dir, "val"), num_images), split_dir,
                         num_shards=1, dataset="synthetic", split="val")
   config = toy_config.get_config("quick")
   if size != "tiny":
@@ -99,7 +100,7 @@ def model_in_the_loop(size: str, data_dir: str, work_dir: str, num_images: int, 
   model = state_lib.build_model(config.model)
   params = inference.place_params(model, config.model, _random_params(model, config.model), mesh, rules)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  predict_fn = loop.make_predict_fn(model, config, mesh, rules)
+  predict_fn = predict_fns.make_predict_fn(model, config, mesh, rules)
   splits = evaluators.make_eval_splits(config, {"val": split_dir}, batch_size=batch_size)
   evaluator = evaluators.SyntheticEvaluator(predict_fn, splits, dataset="synthetic")
   samples = len(splits[0].source)
@@ -154,7 +155,7 @@ def offline_scoring(args, data_dir: str, work_dir: str) -> dict:
   """Reading, in-memory scoring and whole `score_predictions` of shifted ground-truth predictions."""
   ground_truth, predictions = [], []
   for split in SPLITS:
-    for record in readers.DATASETS.lookup(READER)(data_dir, split):
+    for record in datasets.DATASETS.lookup(READER)(data_dir, split):
       for ref in record["refs"]:
         gt = records.ground_truth_mask(record, ref)
         for sentence in ref["sentences"]:

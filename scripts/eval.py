@@ -5,7 +5,7 @@
 Writes metrics.json and metrics.md to `--config.output_dir` (default: beside the predictions) and prints the
 table, which starts with how the numbers were made (box source, sentence mode, IoU resolution, checkpoint, step).
 With `--config.checkpoint=DIR` the model-in-the-loop mode first writes the predictions file from a checkpoint
-(`unires_jax.eval.inference.write_predictions`), with boxes from `--config.proposals.source=...` (default `none`;
+(`unires_jax.eval.checkpoint_eval.write_predictions`), with boxes from `--config.proposals.source=...` (default `none`;
 ground-truth boxes need `--config.allow_gt_boxes=True`), then scores it the same way. Known errors print one line
 and exit with status 2.
 """
@@ -42,9 +42,9 @@ def evaluate(config) -> dict:
   """Scores `config.predictions`, or the predictions of `config.checkpoint` when one is given (they are written
   under the checkpoint's eval folder, or `config.output_dir`, and scored there)."""
   if config.checkpoint:
-    from unires_jax.eval import inference
+    from unires_jax.eval import checkpoint_eval
 
-    written = inference.write_predictions(config)
+    written = checkpoint_eval.write_predictions(config)
     config = _with(config, predictions=written.predictions, output_dir=written.output_dir)
   report = scoring.score_from_config(config)
   report["output_dir"] = config.output_dir or os.path.dirname(os.path.abspath(config.predictions))

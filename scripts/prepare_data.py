@@ -28,6 +28,7 @@ import tqdm  # noqa: E402
 from configs import common  # noqa: E402
 from unires_jax import proposals  # noqa: E402
 from unires_jax.data import pipeline, readers, records  # noqa: E402
+from unires_jax.data import datasets  # noqa: E402
 from unires_jax.proposals import detections  # noqa: E402
 
 MAX_LISTED_SKIPS = 20
@@ -80,7 +81,7 @@ def write_one_shard(dataset: str, data_dir: str, split: str, out_dir: str, shard
   """Reads the images of shard `shard_index`, attaches their proposals (if configured) and writes them; returns
   the number of records."""
   bad = readers.BadEntries()
-  reader = readers.DATASETS.lookup(dataset)
+  reader = datasets.DATASETS.lookup(dataset)
   path = os.path.join(out_dir, records.shard_name(shard_index, num_shards))
   found = reader(data_dir, split, shard=(shard_index, num_shards), bad=bad, **options)
   report = None
@@ -100,7 +101,7 @@ def prepare(dataset: str, data_dir: str, split: str, out_dir: str, *, num_shards
   `proposal_config` (a `proposals` config section as a dict, source `detections`) fills the records' proposals.
   """
   options = dict(options or {})
-  reader = readers.DATASETS.lookup(dataset)
+  reader = datasets.DATASETS.lookup(dataset)
   if num_shards < 1:
     raise ValueError(f"--num-shards must be >= 1, got {num_shards}")
   if proposal_config is not None:
@@ -134,7 +135,7 @@ def prepare(dataset: str, data_dir: str, split: str, out_dir: str, *, num_shards
 
 def main(argv: Sequence[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--dataset", required=True, help=f"one of: {', '.join(readers.DATASETS.names())}")
+  parser.add_argument("--dataset", required=True, help=f"one of: {', '.join(datasets.DATASETS.names())}")
   parser.add_argument("--data-dir", required=True, help="the dataset's folder (see data/README.md)")
   parser.add_argument("--split", required=True)
   parser.add_argument("--out", required=True, help="the prepared split's folder")

@@ -39,7 +39,7 @@ def main(argv) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
-  from unires_jax.train import runner
+  from unires_jax import run as runner
 
   logging.set_verbosity(logging.INFO)
   runner.run(_CONFIG.value, _WORKDIR.value)

@@ -24,7 +24,7 @@ def trained_run(tmp_path_factory):
   `[SEG]` (garbage text), the newest (80) answers "Sure, it is [SEG]." with a non-empty mask. Training steps of the
   tiny model are cheap next to compilation (80 steps cost about the CPU time of 3)."""
   import configs.toy as toy_config
-  from unires_jax.train import runner
+  from unires_jax import run as runner
 
   workdir = str(tmp_path_factory.mktemp("toy_run"))
   config = toy_config.get_config("quick")

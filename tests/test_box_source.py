@@ -16,8 +16,9 @@ import pytest
 import configs.toy as toy_config
 from configs import common
 from configs.eval import synthetic as synthetic_eval
-from unires_jax.data import pipeline, readers, records, synthetic
-from unires_jax.eval import box_source, inference, loop, provenance
+from unires_jax.data import pipeline, records, synthetic
+from unires_jax.data import datasets
+from unires_jax.eval import box_source, checkpoint_eval, loop, provenance
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -51,7 +52,7 @@ def test_ground_truth_source_is_refused_unless_allowed():
 
 
 def test_proposals_are_attached_when_the_split_is_prepared_and_reused(data_dir, tmp_path):
-  read = lambda: readers.DATASETS.lookup("synthetic_cris")(data_dir, "val")
+  read = lambda: datasets.DATASETS.lookup("synthetic_cris")(data_dir, "val")
   out = str(tmp_path / "prepared")
   none_config = common.proposals_config("none")
   none = box_source.eval_source(none_config, False, "test")
@@ -88,7 +89,7 @@ def _pipeline_config(split_dir, tmp_path):
 
 def test_eval_pipeline_reads_the_attached_boxes_and_never_falls_back_to_ground_truth(data_dir, tmp_path):
   original = str(tmp_path / "original")
-  records.write_split(readers.DATASETS.lookup("synthetic_cris")(data_dir, "val"), original, num_shards=1)
+  records.write_split(datasets.DATASETS.lookup("synthetic_cris")(data_dir, "val"), original, num_shards=1)
   none_config = common.proposals_config("none")
   (attached,) = box_source.attach_to_prepared(
       {"val": original}, box_source.eval_source(none_config, False, "test"), none_config, str(tmp_path / "with"),
@@ -108,7 +109,7 @@ def test_eval_pipeline_reads_the_attached_boxes_and_never_falls_back_to_ground_t
 def _trainer_config(data_dir, tmp_path, **eval_section):
   split_dir = str(tmp_path / "grefcoco_val")
   if not os.path.exists(split_dir):
-    records.write_split(readers.DATASETS.lookup("synthetic_grefcoco")(data_dir, "val"), split_dir, num_shards=1)
+    records.write_split(datasets.DATASETS.lookup("synthetic_grefcoco")(data_dir, "val"), split_dir, num_shards=1)
   config = _pipeline_config(split_dir, tmp_path)
   config.evals = {"synthetic/grefcoco": dict(type="grefcoco", dataset="synthetic", splits={"val": split_dir})}
   config.eval_splits = {}
@@ -139,15 +140,15 @@ def test_trainer_final_evaluation_follows_the_policy(data_dir, tmp_path):
 
 
 def test_training_refuses_a_ground_truth_final_evaluation_before_it_starts(data_dir, tmp_path):
-  from unires_jax import sharding
+  from unires_jax import run, sharding
   from unires_jax.train import loop as train_loop
 
   config, _ = _trainer_config(data_dir, tmp_path, proposals=common.proposals_config("annotations"))
   mesh = sharding.make_mesh(config.mesh)
   with pytest.raises(provenance.GroundTruthBoxesError, match="allow_gt_boxes=True"):
-    train_loop.check_config(config, mesh)
+    train_loop.check_config(config, mesh, run.evaluate.check)
   config.eval.allow_gt_boxes = True
-  train_loop.check_config(config, mesh)
+  train_loop.check_config(config, mesh, run.evaluate.check)
 
 
 def test_write_predictions_refuses_ground_truth_before_loading_and_keeps_its_config(data_dir):
@@ -156,10 +157,10 @@ def test_write_predictions_refuses_ground_truth_before_loading_and_keeps_its_con
   config.proposals.source = "annotations"
   before = config.to_dict()
   with pytest.raises(provenance.GroundTruthBoxesError, match="allow_gt_boxes=True"):
-    inference.write_predictions(config)
+    checkpoint_eval.write_predictions(config)
   config.allow_gt_boxes = True
   with pytest.raises(FileNotFoundError, match="/nonexistent/run"):  # allowed: it goes on to load the checkpoint
-    inference.write_predictions(config)
+    checkpoint_eval.write_predictions(config)
   assert {**config.to_dict(), "allow_gt_boxes": False} == before
 
 

@@ -17,8 +17,8 @@ import optax
 import pytest
 
 from unires_jax.convert import checkpoints as convert_checkpoints
-from unires_jax.train import checkpoint as checkpoint_lib
-from unires_jax.train.checkpoint import Checkpointer
+from unires_jax import checkpointing as checkpoint_lib
+from unires_jax.checkpointing import Checkpointer
 from unires_jax.train.state import TrainState
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -113,7 +113,7 @@ QUIET_EXIT_SCRIPT = textwrap.dedent('''
     import sys
     sys.path[:0] = [{repo!r}, {tests!r}]
     import test_checkpoint as t
-    from unires_jax.train import checkpoint as checkpoint_lib
+    from unires_jax import checkpointing as checkpoint_lib
     directory = {directory!r}
     t.save_steps(directory)
     checkpointer = checkpoint_lib.Checkpointer(directory, save_every=1)

@@ -16,7 +16,7 @@ from unires_jax.convert import checkpoints, mapping
 from unires_jax.convert import unires as convert_unires
 from unires_jax.models.unires import UniRESConfig
 from unires_jax.train import lora as lora_lib
-from unires_jax.train.checkpoint import Checkpointer
+from unires_jax.checkpointing import Checkpointer
 from unires_jax.train.state import TrainState
 
 LORA = dict(alpha=4.0, rank=2)

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 import configs.toy as toy_config
-from unires_jax.data import pipeline, readers, records, synthetic
+from unires_jax.data import pipeline, records, synthetic
+from unires_jax.data import datasets
 from unires_jax.data import tokenizer as tokenizer_lib
 from unires_jax.demo import answer, examples, inputs, session
 from unires_jax.demo.app import DemoPage
@@ -76,7 +77,7 @@ def budget(tmp_path_factory):
   root = tmp_path_factory.mktemp("budget")
   data_dir = synthetic.ensure_synthetic(str(root / "synthetic"), num_images=4)
   split_dir = str(root / "prepared")
-  records.write_split(readers.DATASETS.lookup("synthetic_cris")(data_dir, "train"), split_dir, num_shards=1)
+  records.write_split(datasets.DATASETS.lookup("synthetic_cris")(data_dir, "train"), split_dir, num_shards=1)
   config = toy_config.get_config("quick")
   config.data.sources = [dict(dir=split_dir, weight=1.0)]
   config.data.toy_tokenizer_prefix = str(root / "toy_tokenizer")

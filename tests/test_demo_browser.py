@@ -25,7 +25,7 @@ from PIL import Image
 from playwright.sync_api import sync_playwright
 
 from scripts import predict as predict_script
-from unires_jax.data import readers
+from unires_jax.data import datasets
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +92,7 @@ def val_phrases(trained_run):
   """(image path, phrase) of the first object and no-target references of the run's synthetic val split."""
   data_dir = os.path.join(trained_run, "synthetic")
   found = {}
-  for record in readers.DATASETS.lookup("synthetic_grefcoco")(data_dir, "val"):
+  for record in datasets.DATASETS.lookup("synthetic_grefcoco")(data_dir, "val"):
     for ref in record["refs"]:
       found.setdefault(ref["granularity"], (os.path.join(data_dir, "images", record["file_name"]),
                                             ref["sentences"][0]["sent"]))

@@ -15,10 +15,11 @@ from PIL import Image
 import configs.toy as toy_config
 from configs.eval import synthetic as synthetic_eval
 from scripts import predict as predict_script
-from unires_jax.data import pipeline, readers, records, synthetic
+from unires_jax.data import pipeline, records, synthetic
+from unires_jax.data import datasets
 from unires_jax.data import tokenizer as tokenizer_lib
 from unires_jax import proposals as proposals_lib
-from unires_jax.eval import checkpoint_io, inference, predictor as predictor_lib, provenance, scoring
+from unires_jax.eval import checkpoint_eval, checkpoint_io, inference, predictor as predictor_lib, provenance, scoring
 
 PROMPT_KEYS = ("image_low", "image_high", "object_boxes", "object_box_mask", "part_boxes", "part_box_mask")
 
@@ -31,7 +32,7 @@ def _eval_boxes(record: dict) -> dict:
 def test_prompt_batch_equals_the_eval_pipeline(tmp_path):
   data_dir = synthetic.ensure_synthetic(str(tmp_path / "synthetic"), num_images=4)
   split_dir = str(tmp_path / "prepared" / "val")
-  records.write_split(readers.DATASETS.lookup("synthetic_cris")(data_dir, "val"), split_dir, num_shards=1)
+  records.write_split(datasets.DATASETS.lookup("synthetic_cris")(data_dir, "val"), split_dir, num_shards=1)
   config = toy_config.get_config("quick")
   config.data.sources = [dict(dir=split_dir, weight=1.0)]
   config.data.toy_tokenizer_prefix = str(tmp_path / "toy_tokenizer")
@@ -57,7 +58,7 @@ def test_prompt_batch_equals_the_eval_pipeline(tmp_path):
 def test_no_boxes_means_every_box_slot_is_masked(tmp_path):
   data_dir = synthetic.ensure_synthetic(str(tmp_path / "synthetic"), num_images=2)
   split_dir = str(tmp_path / "prepared")
-  records.write_split(readers.DATASETS.lookup("synthetic_cris")(data_dir, "val"), split_dir, num_shards=1)
+  records.write_split(datasets.DATASETS.lookup("synthetic_cris")(data_dir, "val"), split_dir, num_shards=1)
   config = toy_config.get_config("quick")
   config.data.sources = [dict(dir=split_dir, weight=1.0)]
   config.data.toy_tokenizer_prefix = str(tmp_path / "toy_tokenizer")
@@ -148,7 +149,7 @@ def test_write_predictions_is_complete_and_scores_like_the_evaluator(trained_run
   config.data_dir = os.path.join(trained_run, "synthetic")
   config.output_dir = str(tmp_path / "eval")
   before = config.to_dict()
-  written = inference.write_predictions(config)
+  written = checkpoint_eval.write_predictions(config)
   assert config.to_dict() == before  # write_predictions leaves its config alone
   path = written.predictions
   assert path == str(tmp_path / "eval" / "generation" / "predictions.jsonl")
@@ -180,7 +181,7 @@ def test_write_predictions_is_complete_and_scores_like_the_evaluator(trained_run
   # A second run reuses the prepared records.
   stamp = tmp_path / "eval" / "prepared" / "val" / "prepared_from.json"
   before = os.path.getmtime(stamp)
-  inference.write_predictions(config)
+  checkpoint_eval.write_predictions(config)
   assert os.path.getmtime(stamp) == before
 
 
@@ -273,7 +274,7 @@ def test_export_predictions_equal_jax_over_the_val_split(trained_run, exported_r
   config.checkpoint = trained_run
   config.data_dir = os.path.join(trained_run, "synthetic")
   config.output_dir = str(tmp_path / "eval")
-  jax_path = inference.write_predictions(config).predictions
+  jax_path = checkpoint_eval.write_predictions(config).predictions
   box_source = "proposals"  # benchmark evaluation reads the proposals attached to the prepared records
   torch_path = str(tmp_path / "torch_predictions.jsonl")
   count = predict_export.predict_split(UniRESTorch.from_exported(exported_run).predictor(), str(tmp_path / "eval" / "prepared" / "val"),
@@ -451,7 +452,7 @@ def test_phone_photo_long_phrase_and_missing_metadata(trained_run, tmp_path):
   length; a step without its metadata is named with the step to use instead."""
   import shutil
   from unires_jax.data import images as images_lib
-  from unires_jax.train import checkpoint as checkpoint_lib
+  from unires_jax import checkpointing as checkpoint_lib
   name = sorted(os.listdir(os.path.join(trained_run, "synthetic", "images")))[0]
   stored = np.asarray(Image.open(os.path.join(trained_run, "synthetic", "images", name)).convert("RGB"))
   exif = Image.Exif()

@@ -14,7 +14,8 @@ from PIL import Image
 from configs import common
 from scripts import propose
 from unires_jax import proposals
-from unires_jax.data import readers, records, synthetic
+from unires_jax.data import records, synthetic
+from unires_jax.data import datasets
 
 
 class Interrupted(Exception):
@@ -61,7 +62,7 @@ def split_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("propose")
   data_dir = synthetic.ensure_synthetic(str(root / "synthetic"), num_images=10, seed=3)
   out = str(root / "cris_train")
-  records.write_split(readers.DATASETS.lookup("synthetic_cris")(data_dir, "train"), out, num_shards=2)
+  records.write_split(datasets.DATASETS.lookup("synthetic_cris")(data_dir, "train"), out, num_shards=2)
   return out
 
 

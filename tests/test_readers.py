@@ -12,6 +12,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from unires_jax.data import readers, records, synthetic
+from unires_jax.data import datasets
 
 H, W = 20, 30
 POLY_A = [[2, 2, 12, 2, 12, 10, 2, 10], [20, 12, 27, 12, 24, 18]]  # two polygons: a square and a triangle
@@ -99,7 +100,7 @@ def grefcoco_dir(tmp_path):
 
 
 def _read(name, folder, split, **options):
-  return list(readers.DATASETS.lookup(name)(str(folder), split, **options))
+  return list(datasets.DATASETS.lookup(name)(str(folder), split, **options))
 
 
 def test_refer_masks_boxes_and_ids(refer_dir):
@@ -252,14 +253,14 @@ def test_synthetic_through_every_reader_and_layouts_agree(synthetic_dir):
 
 
 def test_shards_partition_the_records(synthetic_dir):
-  reader = readers.DATASETS.lookup("synthetic_grefcoco")
+  reader = datasets.DATASETS.lookup("synthetic_grefcoco")
   full = [r["image_id"] for r in reader(synthetic_dir, "train")]
   shards = [[r["image_id"] for r in reader(synthetic_dir, "train", shard=(k, 2))] for k in range(2)]
   assert sorted(shards[0] + shards[1]) == sorted(full) and shards[0] == full[0::2] and shards[1] == full[1::2]
 
 
 def test_ids_survive_readers_records_split_source(synthetic_dir, tmp_path):
-  reader = readers.DATASETS.lookup("synthetic_grefcoco")
+  reader = datasets.DATASETS.lookup("synthetic_grefcoco")
   found = list(reader(synthetic_dir, "train"))
   records.write_split(found, str(tmp_path), num_shards=2, dataset="synthetic", split="train")
   source = records.SplitSource(str(tmp_path))
@@ -328,7 +329,7 @@ def test_the_refer_data_root_and_its_image_folder_are_found(refer_dir, tmp_path)
   for data_dir in (root, root / "refcoco"):
     (record,) = _read("refcoco", data_dir, "val")
     assert record["image_bytes"] == expected["image_bytes"] and record["refs"] == expected["refs"]
-  sources = readers.DATASETS.lookup("refcoco").source_files(str(root), "val")
+  sources = datasets.DATASETS.lookup("refcoco").source_files(str(root), "val")
   assert sources == [str(root / "refcoco" / "instances.json"), str(root / "refcoco" / "refs(unc).p")]
   shutil.rmtree(root / "images")
   with pytest.raises(FileNotFoundError) as caught:

@@ -15,6 +15,7 @@ from PIL import Image
 
 from configs.eval import refcocom as refcocom_config
 from unires_jax.data import readers, records, refcocom
+from unires_jax.data import datasets
 from unires_jax.eval import evaluators, predictions as P
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -76,7 +77,7 @@ def release(tmp_path):
 
 
 def _records(data_dir, split, **options):
-  return list(readers.DATASETS.lookup("refcocom")(data_dir, split, **options))
+  return list(datasets.DATASETS.lookup("refcocom")(data_dir, split, **options))
 
 
 def test_part_only_file_reads_as_parts_with_both_sentence_forms(release):

@@ -10,7 +10,8 @@ import pytest
 
 from configs.eval import grefcoco as grefcoco_config
 from configs.eval import synthetic as synthetic_config
-from unires_jax.data import readers, records, synthetic
+from unires_jax.data import records, synthetic
+from unires_jax.data import datasets
 from unires_jax.data import transforms
 from unires_jax.eval import answers, evaluators, provenance, scoring
 from unires_jax.eval import predictions as P
@@ -30,7 +31,7 @@ def data_dir(tmp_path_factory):
 def _samples(data_dir, reader, split):
   """(record, ref, sentence) of every sample of a split, in record order."""
   out = []
-  for record in readers.DATASETS.lookup(reader)(data_dir, split):
+  for record in datasets.DATASETS.lookup(reader)(data_dir, split):
     for ref in record["refs"]:
       for sentence in ref["sentences"]:
         out.append((record, ref, sentence))
@@ -171,7 +172,7 @@ def test_configs_select_splits_and_name_unknown_ones():
   for name, (evaluator, dataset, splits) in expected.items():
     config = importlib.import_module(f"configs.eval.{name}").get_config()
     assert (config.type, config.dataset, list(config.splits)) == (evaluator, dataset, splits)
-    assert config.type in evaluators.EVALUATORS and config.reader in readers.DATASETS
+    assert config.type in evaluators.EVALUATORS and config.reader in datasets.DATASETS
     assert (config.proposals.source, config.allow_gt_boxes, config.sentence_mode) == ("none", False,
                                                                                       "per_sentence")
 

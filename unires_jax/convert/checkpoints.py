@@ -70,26 +70,26 @@ def load_params(path: str, step: int | None = None) -> tuple[dict, ml_collection
   loaded); a `lora` key, if the run trained LoRA factors, is kept. A step whose files are missing or damaged is a
   `CheckpointUnreadableError` naming it and the readable steps before it.
   """
-  from unires_jax.train import checkpoint as train_checkpoint
+  from unires_jax import checkpointing
 
   item_dir, run_dir = resolve_params_dir(path, step)
   try:
-    params = train_checkpoint.restore_params(item_dir)
-  except train_checkpoint.CheckpointUnreadableError as error:
-    raise train_checkpoint.CheckpointUnreadableError(f"{error}{earlier_steps_hint(item_dir)}") from error
+    params = checkpointing.restore_params(item_dir)
+  except checkpointing.CheckpointUnreadableError as error:
+    raise checkpointing.CheckpointUnreadableError(f"{error}{earlier_steps_hint(item_dir)}") from error
   config = load_run_config(run_dir) if run_dir else None
   return params, config
 
 
 def earlier_steps_hint(item_dir: str) -> str:
   """"; readable earlier steps: ... (pass --step N)" for an item inside `checkpoints/<step>/state`, else ""."""
-  from unires_jax.train import checkpoint as train_checkpoint
+  from unires_jax import checkpointing
 
   step_dir = os.path.dirname(item_dir)
   if not os.path.basename(step_dir).isdigit():
     return ""
   step = int(os.path.basename(step_dir))
-  earlier = [s for s in train_checkpoint.readable_steps(os.path.dirname(step_dir)) if s < step]
+  earlier = [s for s in checkpointing.readable_steps(os.path.dirname(step_dir)) if s < step]
   if not earlier:
     return "; no earlier step of this run has its metadata"
   return f"; earlier steps with their metadata: {earlier} (use step {earlier[-1]}: --step {earlier[-1]})"

@@ -559,37 +559,23 @@ def _mres_sources(data_dir, split, **_):
 # ---------------------------------------------------------------------------------------------- registry
 
 
-def _register(dataset_name: str, read, sources, **defaults) -> None:
+def register(dataset_name: str, read, sources, **defaults) -> None:
+  """Adds a layout to `DATASETS` (readers of other modules, e.g. refcocom.py and synthetic.py, register themselves)."""
   DATASETS.register(dataset_name)(DatasetReader(read, sources, defaults))
 
 
-_register("refcoco", read_refer, _refer_sources, dataset="refcoco", split_by="unc")
-_register("refcoco+", read_refer, _refer_sources, dataset="refcoco+", split_by="unc")
-_register("refcocog", read_refer, _refer_sources, dataset="refcocog", split_by="umd")
-_register("grefcoco", read_grefcoco, _grefcoco_sources, dataset="grefcoco", split_by="unc")
-_register("refcocom_cris", read_cris, _cris_sources, dataset="refcocom", name="refcocom")
-_register("cris", read_cris, _cris_sources)
-_register("mres32m", read_mres, _mres_sources, dataset="mres32m")
+register("refcoco", read_refer, _refer_sources, dataset="refcoco", split_by="unc")
+register("refcoco+", read_refer, _refer_sources, dataset="refcoco+", split_by="unc")
+register("refcocog", read_refer, _refer_sources, dataset="refcocog", split_by="umd")
+register("grefcoco", read_grefcoco, _grefcoco_sources, dataset="grefcoco", split_by="unc")
+register("refcocom_cris", read_cris, _cris_sources, dataset="refcocom", name="refcocom")
+register("cris", read_cris, _cris_sources)
+register("mres32m", read_mres, _mres_sources, dataset="mres32m")
 
 
-def _read_refcocom_release(data_dir, split, **options):
-  from unires_jax.data import refcocom  # imported late: refcocom builds on this module
-
-  return refcocom.read_refcocom(data_dir, split, **options)
-
-
-def _refcocom_release_sources(data_dir, split, **options):
-  from unires_jax.data import refcocom
-
-  return refcocom.refcocom_sources(data_dir, split, **options)
-
-
-# RefCOCOm in its released layout (unires_jax/data/refcocom.py); `refcocom_cris` reads the CRIS layout.
-_register("refcocom", _read_refcocom_release, _refcocom_release_sources, dataset="refcocom")
-
-
-def _synthetic(read, sources, subdir: str, **defaults):
-  """The synthetic set's layouts live in sub-folders of one root (`data_dir`), sharing `images/`."""
+def in_subfolder(read, sources, subdir: str, **defaults) -> DatasetReader:
+  """A layout read from a sub-folder of one root (`data_dir`) whose images live in `<root>/images` (the synthetic
+  set writes all four layouts so)."""
   def read_synthetic(data_dir, split, **options):
     options.setdefault("image_dir", os.path.join(data_dir, "images"))
     return read(os.path.join(data_dir, subdir), split, **options)
@@ -597,19 +583,4 @@ def _synthetic(read, sources, subdir: str, **defaults):
   def synthetic_sources(data_dir, split, **options):
     return sources(os.path.join(data_dir, subdir), split, **options)
 
-  return DatasetReader(read_synthetic, synthetic_sources, {"dataset": "synthetic", **defaults})
-
-
-def _register_synthetic() -> None:
-  from unires_jax.data import synthetic
-
-  parts = tuple(sorted({p for names in synthetic.PARTS.values() for p in names}))
-  DATASETS.register("synthetic_refer")(_synthetic(read_refer, _refer_sources, "refer", split_by="unc"))
-  DATASETS.register("synthetic_grefcoco")(_synthetic(read_grefcoco, _grefcoco_sources, "grefcoco",
-                                                     split_by="unc"))
-  DATASETS.register("synthetic_cris")(_synthetic(read_cris, _cris_sources, "cris", name=synthetic.CRIS_NAME,
-                                                 part_categories=parts))
-  DATASETS.register("synthetic_mres")(_synthetic(read_mres, _mres_sources, "mres32m"))
-
-
-_register_synthetic()
+  return DatasetReader(read_synthetic, synthetic_sources, dict(defaults))

@@ -153,3 +153,7 @@ def read_refcocom(data_dir: str, split: str, *, image_dir: str | None = None, da
 
 def refcocom_sources(data_dir: str, split: str, **_) -> list[str]:
   return [os.path.join(data_dir, "annotations", f"{split}.json")]
+
+
+# RefCOCOm in its released layout; `refcocom_cris` (readers.py) reads the CRIS layout.
+readers.register("refcocom", read_refcocom, refcocom_sources, dataset="refcocom")

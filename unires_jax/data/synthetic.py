@@ -22,6 +22,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from unires_jax.data import readers
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (235, 205, 40)}
 CATEGORIES = ("house", "robot", "tree")
 PARTS = {"house": ("roof", "door", "window"), "robot": ("head", "arm", "leg"), "tree": ("trunk", "crown")}
@@ -277,6 +279,22 @@ def ensure_synthetic(out_dir: str, num_images: int = 32, seed: int = 0,
       if json.load(f) == wanted:
         return out_dir
   return generate(out_dir, num_images=num_images, seed=seed, image_size=tuple(image_size))
+
+
+def _register_layouts() -> None:
+  """The set's four layouts as readers (`synthetic_refer`, `synthetic_grefcoco`, `synthetic_cris`, `synthetic_mres`)
+  over one root, the folder `generate` wrote."""
+  parts = tuple(sorted({p for names in PARTS.values() for p in names}))
+  layouts = {"synthetic_refer": (readers.read_refer, readers._refer_sources, "refer", dict(split_by="unc")),
+             "synthetic_grefcoco": (readers.read_grefcoco, readers._grefcoco_sources, "grefcoco", dict(split_by="unc")),
+             "synthetic_cris": (readers.read_cris, readers._cris_sources, "cris",
+                                dict(name=CRIS_NAME, part_categories=parts)),
+             "synthetic_mres": (readers.read_mres, readers._mres_sources, "mres32m", {})}
+  for name, (read, sources, subdir, options) in layouts.items():
+    readers.DATASETS.register(name)(readers.in_subfolder(read, sources, subdir, dataset="synthetic", **options))
+
+
+_register_layouts()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

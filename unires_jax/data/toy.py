@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
-from unires_jax.data import readers, records, synthetic
+from unires_jax.data import records, synthetic
+from unires_jax.data import datasets
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ def prepare_synthetic(root: str, prepared_dir: str, layouts, splits, num_images:
     for split in splits:
       split_dir = os.path.join(prepared_dir, layout, split)
       if not os.path.exists(os.path.join(split_dir, records.INDEX)):
-        reader = readers.DATASETS.lookup(layout)
+        reader = datasets.DATASETS.lookup(layout)
         index = records.write_split(reader(root, split), split_dir, num_shards=1, dataset="synthetic", split=split)
         log.info("prepared %s/%s: %d images, %d samples", layout, split, index["num_images"], index["num_samples"])
       out[f"{layout}/{split}"] = split_dir

@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from unires_jax.data import readers, synthetic
+from unires_jax.data import synthetic
+from unires_jax.data import datasets
 
 GRANULARITIES = ("object", "multi-object", "part", "no-target")
 EXAMPLE_SEED = 1  # the toy run's synthetic set uses seed 0
@@ -28,7 +29,7 @@ def make_examples(out_dir: str, per_granularity: int = 1, seed: int = EXAMPLE_SE
   data_dir = synthetic.ensure_synthetic(out_dir, num_images=EXAMPLE_IMAGES, seed=seed)
   found: dict[str, list[Example]] = {g: [] for g in GRANULARITIES}
   for name in LAYOUT_READERS:
-    read = readers.DATASETS.lookup(name)
+    read = datasets.DATASETS.lookup(name)
     for split in dict.fromkeys(synthetic.SPLIT_CYCLE):
       for record in read(data_dir, split):
         image = os.path.join(data_dir, "images", record["file_name"])

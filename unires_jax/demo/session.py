@@ -17,7 +17,7 @@ from unires_jax import proposals as proposals_lib
 from unires_jax import sharding
 from unires_jax.data import pipeline
 from unires_jax.data import tokenizer as tokenizer_lib
-from unires_jax.eval import checkpoint_io, inference, loop
+from unires_jax.eval import checkpoint_io, inference, predict_fns
 from unires_jax.models import unires as unires_lib
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class DemoModel:
     self.params = inference.place_params(model, self.config.model, loaded.params, self.mesh, rules)
     self.tokenizer = tokenizer_lib.Tokenizer(self.config.data.tokenizer_path)
     self.budget = PromptBudget.from_config(self.config, self.tokenizer)
-    self._predict_fn = loop.make_predict_fn(model, self.config, self.mesh, rules)
+    self._predict_fn = predict_fns.make_predict_fn(model, self.config, self.mesh, rules)
     self.proposal_source, self.proposals_note = _proposal_source(self.config)
     self.load_seconds = time.perf_counter() - started
     started = time.perf_counter()

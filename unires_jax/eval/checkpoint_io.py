@@ -18,7 +18,7 @@ import numpy as np
 
 from unires_jax.convert import checkpoints as checkpoints_lib
 from unires_jax.models import lora as lora_lib
-from unires_jax.train import checkpoint as train_checkpoint
+from unires_jax import checkpointing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +33,8 @@ class LoadedCheckpoint:
 
 def restore_params(item_dir: str) -> dict:
   """The params of an Orbax item as numpy arrays (the optimizer state is never read; see
-  `unires_jax.train.checkpoint.restore_params`)."""
-  return train_checkpoint.restore_params(item_dir)
+  `unires_jax.checkpointing.restore_params`)."""
+  return checkpointing.restore_params(item_dir)
 
 
 def rebase_path(path: str, workdir: str, exists: Callable[[str], bool] = os.path.exists) -> str:
@@ -113,8 +113,8 @@ def load_checkpoint(path: str, step: int | None = None) -> LoadedCheckpoint:
   config = resolve_run_paths(config, run_dir)
   try:
     params = restore_params(item_dir)
-  except train_checkpoint.CheckpointUnreadableError as error:
-    raise train_checkpoint.CheckpointUnreadableError(f"{error}{checkpoints_lib.earlier_steps_hint(item_dir)}") from error
+  except checkpointing.CheckpointUnreadableError as error:
+    raise checkpointing.CheckpointUnreadableError(f"{error}{checkpoints_lib.earlier_steps_hint(item_dir)}") from error
   params = merge_lora_params(params, config)
   return LoadedCheckpoint(config=config, params=params, workdir=run_dir,
                           step=int(step_name) if step_name.isdigit() else None, item_dir=item_dir)

@@ -10,43 +10,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Callable
 
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
-from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageDraw
 
-from unires_jax import sharding
 from unires_jax.data import pipeline, records as records_lib, tokenizer as tokenizer_lib
 from unires_jax.eval import answers as answers_lib, provenance
-from unires_jax.eval import box_source, evaluators, inference, metrics as metrics_lib, predictions as predictions_lib
+from unires_jax.eval import box_source, evaluators, metrics as metrics_lib, predictions as predictions_lib
+from unires_jax.eval.predict_fns import make_predict_fn
 from unires_jax.models import objective
 
 log = logging.getLogger(__name__)
-
-
-def make_predict_fn(model, config, mesh, rules, params_transform: Callable = lambda p: p) -> Callable:
-  """predict_fn(params, local_batch) → this process's rows of {'mask_logits', 'has_seg', 'tokens'}."""
-  tokenizer = tokenizer_lib.Tokenizer(pipeline.resolve_tokenizer(config))
-  generate = inference.make_generate_fn(
-      model, seg_id=tokenizer.special_id(tokenizer_lib.SEG_TOKEN), eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-      max_new_tokens=int(config.get("eval", {}).get("max_new_tokens", 16)), params_transform=params_transform)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    jitted = jax.jit(generate)
-
-  def predict(params, local_batch):
-    batch = pipeline.to_global_batch(local_batch, mesh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      outputs = jitted(params, batch)
-    if jax.process_count() > 1:
-      outputs = multihost_utils.global_array_to_host_local_array(outputs, mesh, P(sharding.BATCH_AXES))
-    return {k: np.asarray(v) for k, v in outputs.items()}
-
-  return predict
 
 
 def held_out_loss(config, model, params, params_transform, mesh, rules, split_dir: str) -> dict[str, float]:

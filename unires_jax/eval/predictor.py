@@ -29,7 +29,7 @@ from unires_jax import sharding
 from unires_jax.data import prompts
 from unires_jax.data import tokenizer as tokenizer_lib
 from unires_jax.eval import answers as answers_lib
-from unires_jax.eval import checkpoint_io, inference, loop
+from unires_jax.eval import checkpoint_io, inference, predict_fns
 from unires_jax.models import unires as unires_lib
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class Predictor:
     self.tokenizer = tokenizer_lib.Tokenizer(config.data.tokenizer_path)
     self.answer_parser = answers_lib.AnswerParser.from_config(config, self.tokenizer)
     # One jitted function; its one compiled shape is [batch_size, ...] since every batch is padded to it.
-    self._predict_fn = loop.make_predict_fn(model, config, self.mesh, rules)
+    self._predict_fn = predict_fns.make_predict_fn(model, config, self.mesh, rules)
     self.source, self.source_note = _run_source(config, proposals)
     self.max_boxes = {"object": int(config.model.vision_flow.max_object_boxes),
                       "part": int(config.model.vision_flow.max_part_boxes)}

@@ -1,6 +1,6 @@
 """Offline scoring: a predictions.jsonl file against a benchmark's ground truth, with no model.
 
-Ground truth comes from the dataset readers (`unires_jax.data.readers.DATASETS`, the real layouts under
+Ground truth comes from the dataset readers (`unires_jax.data.datasets.DATASETS`, the real layouts under
 `data_dir`), one split at a time, streamed record by record; each ref's mask is built once for all its sentences.
 Every (ref_id, sent_id) of a split must be predicted exactly once: missing, duplicate and unknown entries are
 reported by name and count, and the score is never computed on a subset. Unless `allow_missing` is set, any of
@@ -148,9 +148,9 @@ def score_split(records: Iterable[dict], split: str,
 def default_records_fn(reader: str, data_dir: str, reader_options: Mapping[str, Any] | None = None
                        ) -> Callable[[str], Iterable[dict]]:
   """split → image records of that split, from the readers registry."""
-  from unires_jax.data import readers
+  from unires_jax.data import datasets
 
-  read = readers.DATASETS.lookup(reader)
+  read = datasets.DATASETS.lookup(reader)
   # Empty values mean "the reader's default" (a locked ConfigDict cannot drop keys).
   options = {k: v for k, v in dict(reader_options or {}).items() if v not in ("", None)}
   return lambda split: read(data_dir, split, **options)

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unires_jax import perf, sharding
 from unires_jax.data import pipeline
-from unires_jax.train import checkpoint as checkpoint_lib
+from unires_jax import checkpointing as checkpoint_lib
 from unires_jax.train import lora as lora_lib
 from unires_jax.train import optimizer as optimizer_lib
 from unires_jax.train import partition
@@ -48,7 +48,7 @@ def resolve_workdir_paths(config: ml_collections.ConfigDict, workdir: str) -> ml
   return ml_collections.ConfigDict(substitute(config.to_dict()))
 
 
-def check_config(config: ml_collections.ConfigDict, mesh) -> None:
+def check_config(config: ml_collections.ConfigDict, mesh, check_evals: Callable | None = None) -> None:
   """Stops before any work on a config that cannot run: names the key and what was expected."""
   sharding.check_batch_fits_mesh(int(config.data.batch_size), mesh, "data.batch_size")
   if config.data.batch_size % jax.process_count():
@@ -62,9 +62,8 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   for source in config.get("eval_splits", {}).values():
     if not os.path.isdir(source):
       raise FileNotFoundError(f"eval_splits: prepared split directory {source!r} does not exist")
-  if config.get("evals", {}):
-    from unires_jax.eval import box_source  # the final evaluation's box policy, checked before training
-    box_source.check_policy(*box_source.trainer_proposals_config(config), "config.eval.proposals")
+  if check_evals is not None:
+    check_evals(config)  # e.g. the final evaluation's box policy, before any training
 
 
 def _lora_fns(config):
@@ -156,20 +155,27 @@ def load_initial_params(path: str, fresh_params: Any, param_shardings: Any) -> A
   return placed
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+# What the loop is handed to evaluate (unires_jax/run.py builds it from eval/): `evaluate(config, model, params,
+# params_transform, mesh, rules, workdir, step, final) -> {prefix: {metric: value}}`, and `evaluate.check(config)`
+# (optional) to refuse an evaluation config before any training.
+Evaluate = Callable[..., dict]
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, evaluate: Evaluate | None = None) -> dict:
   """Runs (or resumes) training to `config.train.total_steps`; returns the last logged metrics and paths.
 
   The workdir is locked for the run (`run_lock`): a second trainer on it is refused before it touches anything.
+  Without `evaluate` no evaluation runs (train/ does not import eval/).
   """
   with run_lock.hold(workdir):
-    return _train(config, workdir)
+    return _train(config, workdir, evaluate)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def _train(config: ml_collections.ConfigDict, workdir: str, evaluate: Evaluate | None) -> dict:
   config = resolve_workdir_paths(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.sharding_rules)
-  check_config(config, mesh)
+  check_config(config, mesh, getattr(evaluate, "check", None))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -262,7 +268,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       saved = checkpointer.save(step, state, train_iter, force=(step == total))
       eval_every = int(train_cfg.get("eval_every", 0))
       if eval_every and step % eval_every == 0 and step < total:
-        run_evals(config, model, state.params, params_transform, mesh, rules, workdir, step, writer)
+        run_evals(evaluate, config, model, state.params, params_transform, mesh, rules, workdir, step, writer)
       if preemption.requested:
         log.warning("SIGTERM received: saving a checkpoint at step %d and exiting", step)
         if not saved:
@@ -280,8 +286,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   summary = {"step": step, "compile_s": compile_s, "flops_per_step": flops_per_step, "last_metrics": last,
              "workdir": os.path.abspath(workdir)}
   if step >= total and not preemption.requested:
-    summary["evals"] = run_evals(config, model, state.params, params_transform, mesh, rules, workdir, step,
-                                 writer, final=True)
+    summary["evals"] = run_evals(evaluate, config, model, state.params, params_transform, mesh, rules, workdir,
+                                 step, writer, final=True)
   checkpointer.close()
   writer.close()
   summary["peak_host_memory_mb"] = perf.peak_host_memory_mb()
@@ -292,11 +298,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return summary
 
 
-def run_evals(config, model, params, params_transform, mesh, rules, workdir, step, writer, final=False) -> dict:
-  """Held-out loss on every `config.eval_splits` split, and the registered evaluators of `config.evals`."""
-  from unires_jax.eval import loop as eval_loop
-  results = eval_loop.evaluate_during_training(config, model, params, params_transform, mesh, rules, workdir,
-                                               step, final=final)
+def run_evals(evaluate: Evaluate | None, config, model, params, params_transform, mesh, rules, workdir, step, writer,
+              final=False) -> dict:
+  """The handed evaluation (held-out loss, registered evaluators) at `step`, logged and written as scalars."""
+  if evaluate is None:
+    return {}
+  results = evaluate(config, model, params, params_transform, mesh, rules, workdir, step, final=final)
   for prefix, values in results.items():
     writer.scalars(step, {k: v for k, v in values.items() if isinstance(v, (int, float))}, prefix=prefix)
     if jax.process_index() == 0:

@@ -1,4 +1,5 @@
-"""Orbax checkpointing of the train state with the Grain iterator state beside it.
+"""The run's checkpoints, for training, evaluation and export alike: Orbax saves of the train state with the Grain
+iterator state beside it, and parameters-only restores.
 
 Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames it when complete), so a
 run killed mid-save leaves no half checkpoint behind. A save that fails (a full disk) stops the run with a

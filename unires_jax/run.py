@@ -1,0 +1,54 @@
+"""What `scripts/train.py` runs: prepare the toy data if the config asks for it, train with the evaluation eval/
+provides handed to the loop, report. The one module that joins train/ and eval/ (they do not import each other)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import jax
+import ml_collections
+
+from unires_jax.eval import box_source
+from unires_jax.eval import loop as eval_loop
+from unires_jax.train import loop, run_lock
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(config, model, params, params_transform, mesh, rules, workdir, step, final=False) -> dict:
+  """Held-out loss on every `config.eval_splits` split and the registered evaluators of `config.evals`."""
+  return eval_loop.evaluate_during_training(config, model, params, params_transform, mesh, rules, workdir, step,
+                                            final=final)
+
+
+def _check_evals(config: ml_collections.ConfigDict) -> None:
+  """The final evaluation's box policy (ground truth refused unless allowed), checked before any training."""
+  if config.get("evals", {}):
+    box_source.check_policy(*box_source.trainer_proposals_config(config), "config.eval.proposals")
+
+
+evaluate.check = _check_evals
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  with run_lock.hold(workdir):  # before the toy data is written into the workdir
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  config = loop.resolve_workdir_paths(config, workdir)
+  if "synthetic" in config:
+    from unires_jax.data import toy
+    syn = config.synthetic
+    if jax.process_index() == 0:
+      toy.prepare_synthetic(syn.root, syn.prepared_dir, syn.layouts, syn.splits, syn.num_images, syn.seed,
+                            syn.image_size)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("toy_data_prepared")
+  summary = loop.train(config, workdir, evaluate)
+  if jax.process_index() == 0:
+    printable = {k: v for k, v in summary.items() if k != "state"}
+    print(json.dumps(printable, indent=2, default=float))
+  return summary
