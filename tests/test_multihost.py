@@ -3,9 +3,11 @@ as one process with 8 devices on the same global batches (same config, same seed
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
+import time
 
 import jax
 import numpy as np
@@ -36,9 +38,18 @@ def test_two_processes_match_one_process(tmp_path, tmp_path_factory):
       command = runner.command(workdir, f"--coordinator_address={address}", "--num_processes=2",
                                f"--process_id={process_id}", "--cpu_devices=4")
       processes.append(subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
+  lock_path, holders = os.path.join(workdir, "run.lock"), set()
   try:
+    deadline = time.monotonic() + 500
+    while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
+      try:
+        with open(lock_path) as f:
+          holders.add(json.load(f)["pid"])
+      except (FileNotFoundError, ValueError):
+        pass
+      time.sleep(0.05)
     for process in processes:
-      process.wait(timeout=500)
+      process.wait(timeout=60)
   finally:
     for process in processes:
       if process.poll() is None:
@@ -50,6 +61,9 @@ def test_two_processes_match_one_process(tmp_path, tmp_path_factory):
     assert process.returncode == 0, f"{log_path} (exit {process.returncode}):\n{text[-4000:]}"
   with open(logs[0]) as f:
     assert f"step {TOTAL_STEPS}/{TOTAL_STEPS}" in f.read()
+  # One lock for the run, held by process 0 alone, and released at the end.
+  assert holders == {processes[0].pid}, holders
+  assert not os.path.exists(lock_path)
 
   expected, actual = load_state(reference, TOTAL_STEPS), load_state(workdir, TOTAL_STEPS)
   # Cross-process all-reduces (gloo) sum in another order than one process's reduction: results agree to float

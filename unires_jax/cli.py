@@ -23,8 +23,8 @@ def message(error: BaseException) -> str:
   """The error's own words: a KeyError without its quotes, an OSError as `path: reason` when it has no text."""
   if isinstance(error, KeyError) and len(error.args) == 1 and isinstance(error.args[0], str):
     return error.args[0]
-  if isinstance(error, OSError) and error.strerror and error.filename is not None and len(error.args) == 2:
-    return f"{error.filename}: {error.strerror}"
+  if isinstance(error, OSError) and error.strerror and len(error.args) == 2:  # the system's words, no errno
+    return f"{error.filename}: {error.strerror}" if error.filename is not None else error.strerror
   return str(error) or type(error).__name__
 
 

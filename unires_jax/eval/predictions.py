@@ -187,6 +187,9 @@ def iter_predictions(path: str) -> Iterator[tuple[int, Prediction]]:
   """(1-based line number, Prediction) for each non-blank line of a predictions file."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"predictions file {path} not found")
+  if os.path.isdir(path):
+    raise IsADirectoryError(f"predictions path {path} is a directory; expected a predictions .jsonl file (one JSON "
+                            f"object per line)")
   with open(path) as f:
     for number, text in enumerate(f, start=1):
       if text.strip():
