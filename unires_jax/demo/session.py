@@ -1,7 +1,7 @@
 """One checkpoint held for the demo's lifetime: loaded once, its jitted predict function built once and warmed up.
 
-Every request goes through `DemoModel._run_model`, the one place that calls the inference path of
-`scripts/predict.py` (prompt batch → padded to the mesh → generation → mask at the image's size). The prompt has
+Every request goes through `DemoModel._run_model`, which calls the `Predictor` that `scripts/predict.py` uses
+(prompt batch → padded to the mesh → generation → mask at the image's size, boxes from the run's source). The prompt has
 a fixed token budget (`data.max_text_len`), so `fit_phrase` shortens a phrase that would not fit, and says so.
 """
 
@@ -14,11 +14,9 @@ import time
 import numpy as np
 
 from unires_jax import proposals as proposals_lib
-from unires_jax import sharding
 from unires_jax.data import pipeline
 from unires_jax.data import tokenizer as tokenizer_lib
-from unires_jax.eval import checkpoint_io, inference, predict_fns
-from unires_jax.models import unires as unires_lib
+from unires_jax.eval import predictor as predictor_lib
 
 log = logging.getLogger(__name__)
 
@@ -93,67 +91,37 @@ def _longest_fitting(upper: int, fits) -> int:
 
 
 class DemoModel:
-  """A run's checkpoint on its mesh with one jitted predict function, warm after construction."""
+  """A run's checkpoint through `eval.predictor.Predictor` (loaded once, one jitted predict function), warm after
+  construction; requests are answered one at a time."""
 
   def __init__(self, checkpoint: str, step: int | None = None, max_new_tokens: int | None = None):
     started = time.perf_counter()
-    loaded = checkpoint_io.load_checkpoint(checkpoint, step)
-    self.config = loaded.config
-    if max_new_tokens is not None:
-      self.config.eval = dict(self.config.eval.to_dict() if "eval" in self.config else {},
-                              max_new_tokens=int(max_new_tokens))
-    self.workdir, self.step = loaded.workdir, loaded.step
-    self.mesh = sharding.make_mesh(self.config.mesh)
-    rules = sharding.rules_from_config(self.config.sharding_rules)
-    self.batch_rows = sharding.batch_size_per_data_shard(self.mesh)  # one request, padded to fill the mesh
-    model = unires_lib.build_model(self.config.model)
-    self.params = inference.place_params(model, self.config.model, loaded.params, self.mesh, rules)
-    self.tokenizer = tokenizer_lib.Tokenizer(self.config.data.tokenizer_path)
+    self.predictor = predictor_lib.Predictor(checkpoint, step=step, batch_size=1, max_new_tokens=max_new_tokens)
+    self.config = self.predictor.config
+    self.checkpoint, self.step = self.predictor.checkpoint, self.predictor.step
+    self.tokenizer = self.predictor.tokenizer
     self.budget = PromptBudget.from_config(self.config, self.tokenizer)
-    self._predict_fn = predict_fns.make_predict_fn(model, self.config, self.mesh, rules)
-    self.proposal_source, self.proposals_note = _proposal_source(self.config)
+    self.proposals_note = self.predictor.source_note
     self.load_seconds = time.perf_counter() - started
     started = time.perf_counter()
     self._run_model(np.zeros(WARM_UP_SIZE + (3,), np.uint8), "warm up")  # compiles now, not on the first request
     self.warm_up_seconds = time.perf_counter() - started
-    log.info("loaded %s step %s in %.1f s, warm-up (compilation) %.1f s", self.workdir, self.step,
+    log.info("loaded %s step %s in %.1f s, warm-up (compilation) %.1f s", self.checkpoint, self.step,
              self.load_seconds, self.warm_up_seconds)
 
   def describe(self) -> str:
     """Which checkpoint and which boxes every result on the page was made with."""
-    return f"checkpoint {self.workdir} step {self.step}; proposals: {self.proposals_note}"
+    return f"checkpoint {self.checkpoint} step {self.step}; {self.proposals_note}"
 
   def fit_phrase(self, phrase: str) -> FittedPhrase:
     return self.budget.fit(phrase)
 
   def _run_model(self, pixels: np.ndarray, phrase: str) -> ModelOutput:
-    """uint8 [h, w, 3] and a fitted phrase → the model's mask, answer and the boxes it read.
-
-    The inference path of `scripts/predict.py`, one request padded to the mesh's batch rows.
-    """
-    pixels = np.asarray(pixels, np.uint8)
-    height, width = pixels.shape[:2]
-    image = proposals_lib.ImageInput(image_id=0, file_name="upload", height=height, width=width,
-                                     pixels=lambda: pixels)
-    proposals, = self.proposal_source([image])
-    boxes = {"object": proposals.object_boxes, "part": proposals.part_boxes}
-    batch = inference.make_prompt_batch(self.config, self.tokenizer, [pixels], [phrase], [boxes])
-    outputs = self._predict_fn(self.params, inference.pad_batch(batch, self.batch_rows))
-    mask, = inference.masks_to_original(outputs, [(height, width)])
-    answer, = inference.decode_answers(outputs["tokens"][:1], self.tokenizer)
-    return ModelOutput(mask=mask, answer=answer, has_seg=bool(outputs["has_seg"][0]), proposals=proposals)
-
-
-def _proposal_source(config) -> tuple[proposals_lib.ProposalSource, str]:
-  """The run's configured proposal source (`config.proposals.source`) and how the page names it.
-
-  A ground-truth source reads annotations, which an uploaded image has not, so the model reads no boxes then;
-  a run without a `proposals` section reads none either (as `scripts/predict.py` without `--boxes`).
-  """
-  none = proposals_lib.SOURCES.lookup("none")()
-  if "proposals" not in config:
-    return none, "none (the run configures no proposal source)"
-  source = proposals_lib.build_source(config.proposals)
-  if source.is_ground_truth:
-    return none, f"none (the run's source, {source.describe()}, needs annotations an uploaded image has not)"
-  return source, source.describe()
+    """uint8 [h, w, 3] and a fitted phrase → the model's mask, answer and the boxes it read (the Predictor that
+    `scripts/predict.py` runs, with the run's proposal source)."""
+    result, = self.predictor.predict([np.asarray(pixels, np.uint8)], [phrase])
+    objects = np.asarray(result.proposals["object"], np.float32).reshape(-1, 4)
+    parts = np.asarray(result.proposals["part"], np.float32).reshape(-1, 4)
+    proposals = proposals_lib.ImageProposals(objects, parts, np.ones((len(objects),), np.float32),
+                                             np.ones((len(parts),), np.float32))
+    return ModelOutput(mask=result.mask, answer=result.answer, has_seg=not result.no_target, proposals=proposals)
