@@ -119,7 +119,8 @@ def predict(requests: list[dict], checkpoint: str, step: int | None = None, batc
   if any(request["boxes"] is None for request in requests):
     print(f"predict.py: boxes not given: {predictor.source_note}")
   images = [_load_image(r["image"]) for r in requests]
-  outputs = predictor.predict(images, [r["text"] for r in requests], [r["boxes"] for r in requests])
+  outputs = predictor.predict(images, [r["text"] for r in requests], [r["boxes"] for r in requests],
+                              ["--text" if r["where"] == "--image" else r["where"] for r in requests])
   results = []
   for request, image, output in zip(requests, images, outputs):
     os.makedirs(os.path.dirname(os.path.abspath(request["out"])), exist_ok=True)

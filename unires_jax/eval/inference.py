@@ -127,7 +127,8 @@ def decode_answers(tokens: np.ndarray, tokenizer: Any) -> list[str]:
 
 def make_prompt_batch(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer,
                       images: Sequence[np.ndarray], phrases: Sequence[str],
-                      boxes: Sequence[Mapping[str, Any] | None] | None = None) -> dict[str, np.ndarray]:
+                      boxes: Sequence[Mapping[str, Any] | None] | None = None,
+                      where: Sequence[str] | None = None) -> dict[str, np.ndarray]:
   """A batch (docs/DESIGN.md keys) holding only prompts, for generation on raw images (`prompts.prompt_batch`).
 
   images: uint8 [h, w, 3] each; phrases: the referring expressions; boxes: per image None or
@@ -140,7 +141,7 @@ def make_prompt_batch(config: ml_collections.ConfigDict, tokenizer: tokenizer_li
   """
   data = pipeline.DataConfig(**config.data.to_dict())
   return prompts.prompt_batch(pipeline.Layout.from_config(config), tokenizer, data.instruction_templates[0], images,
-                              phrases, boxes)
+                              phrases, boxes, where)
 
 
 def pad_batch(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:

@@ -121,8 +121,10 @@ class Predictor:
     return used
 
   def predict(self, images: Sequence[np.ndarray], phrases: Sequence[str],
-              boxes: Sequence[Mapping | None] | None = None) -> list[PredictionResult]:
-    """One result per (image, phrase): images uint8 [h, w, 3]; `boxes` per image None (proposed) or given."""
+              boxes: Sequence[Mapping | None] | None = None,
+              where: Sequence[str] | None = None) -> list[PredictionResult]:
+    """One result per (image, phrase): images uint8 [h, w, 3]; `boxes` per image None (proposed) or given;
+    `where` names each request in errors about its phrase or boxes."""
     if len(images) != len(phrases):
       raise ValueError(f"Predictor.predict: {len(images)} images but {len(phrases)} phrases")
     images = [np.asarray(image, np.uint8) for image in images]
@@ -132,7 +134,8 @@ class Predictor:
       chunk = slice(start, start + self.batch_size)
       chunk_images, chunk_phrases, chunk_boxes = images[chunk], list(phrases[chunk]), used[chunk]
       batch = inference.make_prompt_batch(self.config, self.tokenizer, chunk_images, chunk_phrases,
-                                          [{k: b[k] for k in self.max_boxes} for b in chunk_boxes])
+                                          [{k: b[k] for k in self.max_boxes} for b in chunk_boxes],
+                                          None if where is None else list(where)[chunk])
       outputs = self._predict_fn(self.params, inference.pad_batch(batch, self.batch_size))
       rows = len(chunk_images)
       has_seg = np.asarray(outputs["has_seg"][:rows], bool)  # [rows]
