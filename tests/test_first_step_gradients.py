@@ -18,7 +18,8 @@ from unires_jax.data import transforms
 from unires_jax.models.example_batch import example_batch
 from unires_jax.train import partition, state as state_lib, step as step_lib
 
-# A bound far below the failure (≈1e9) and a few times above what a fresh model gives (tiny ≈ 5, small ≈ 10).
+# Far below the failure (tiny 1.2e9 before the fix) and above what a fresh model gives: tiny 12.3, tiny with the SAM
+# ViT 12.4, small 58.5 (measured with first_step_grad_norm on 2-core CPU, batch 2 / 1 for small).
 MAX_FIRST_STEP_GRAD_NORM = 100.0
 TINY_SAM = dict(image_size=128, patch_size=16, width=32, depth=2, num_heads=4, mlp_dim=64, window_size=4,
                 global_attn_indexes=[1], out_channels=32)
