@@ -143,11 +143,15 @@ def proposals_config(source: str = "annotations", **overrides) -> ml_collections
   """The `proposals` section: which registered source (unires_jax/proposals) gives object and part boxes.
 
   `annotations` (ground truth, training only), `none`, `detections` (COCO results files; `{split}` in a path is
-  replaced by the split name), `sam` (SAM automatic mask generation in JAX).
+  replaced by the split name), `sam` (SAM automatic mask generation in JAX), `colour_regions` (flat-colour regions
+  from the pixels, for the synthetic set).
   """
   c = dict(
       source=source,
       detections=dict(object_file="", part_file="", score_threshold=0.0, top_k=0, match_by="image_id"),
+      # Flat-colour regions from the pixels alone (unires_jax/proposals/colour_regions.py; the synthetic set).
+      colour_regions=dict(colour_quantum=8, merge_gap=1, min_object_area=16, min_part_area=4, max_objects=0,
+                          max_parts=0),
       # SAM automatic mask generation (unires_jax/proposals/sam.py; defaults are segment-anything's).
       sam=dict(
           checkpoint="",  # a SamModel.save_pretrained folder, or one written by proposals.sam_model.save_converted

@@ -31,6 +31,8 @@ Keys:
   prompt_style: 'unires' (the visual prefix of image, object and part slots, then `USER: ... ASSISTANT:`) or
     'llava_v1' (LISA's `<s>{system_prompt} USER: <im_start><image>×Ni<im_end>\n... ASSISTANT:`, image slots only).
   system_prompt: the llava_v1 system text (unused by 'unires').
+  answer_decision_weight: training loss weight of the position that predicts the answer's first token, the one
+    that says target or no target (1: every answer token alike; the mean is taken over the weights).
 """
 
 from __future__ import annotations
@@ -83,4 +85,5 @@ def data_config(run: str = "toy", sources: Sequence[tuple[str, float] | str] = (
       toy_tokenizer_vocab_size=512,
       prompt_style="unires",  # or "llava_v1" (LISA: system text, image group only; configs/lisa.py)
       system_prompt="",
+      answer_decision_weight=1.0,
   ))

@@ -275,6 +275,26 @@ def test_training_keeps_the_referred_box_when_truncating(split_dirs):
     np.testing.assert_allclose(batch["object_boxes"][row][0], np.array([30, 12, 34, 16]) * 2.0)
 
 
+def test_the_decision_weight_lands_on_the_first_answer_position_in_training_only(split_dirs):
+  config = _config([split_dirs["main"]], toy_tokenizer_prefix=split_dirs["root"] + "/tok")
+  plain = _take(pipeline.make_train_iterator(config, 0, 1), 2)
+  config.data.answer_decision_weight = 4.0
+  weighted = _take(pipeline.make_train_iterator(config, 0, 1), 2)
+  for a, b in zip(plain, weighted):
+    np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+    for row in range(a["loss_mask"].shape[0]):
+      answer = np.flatnonzero(a["loss_mask"][row])
+      expected = a["loss_mask"][row].copy()
+      expected[answer[0]] = 4.0  # the position whose next token is the answer's first ("Sure" / "Sorry" ...)
+      np.testing.assert_array_equal(b["loss_mask"][row], expected)
+  # Evaluation batches never carry it.
+  evaluated = next(iter(pipeline.make_eval_iterator(config, split_dirs["main"], batch_size=4)))
+  assert set(np.unique(evaluated["loss_mask"])) <= {0.0, 1.0}
+  config.data.answer_decision_weight = 0.0
+  with pytest.raises(ValueError, match="data.answer_decision_weight must be > 0"):
+    pipeline.make_train_iterator(config, 0, 1)
+
+
 def _take(iterator, n):
   return [next(iterator) for _ in range(n)]
 

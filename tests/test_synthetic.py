@@ -101,3 +101,17 @@ def test_ensure_synthetic_generates_only_when_missing(tmp_path):
   assert os.stat(marker).st_mtime_ns == stamp
   synthetic.ensure_synthetic(folder, num_images=3, seed=0)
   assert json.load(open(marker))["num_images"] == 3
+
+
+def test_every_scene_has_a_near_miss_and_another_absent_no_target_phrase():
+  import random
+  rng = random.Random(5)
+  for _ in range(50):
+    scene = synthetic.make_scene(rng, 96, 128)
+    present = {(o["colour"], o["category"]) for o in scene}
+    phrases = [ref["sentences"][0] for ref in synthetic.describe_scene(scene, rng) if ref["kind"] == "no-target"]
+    assert len(phrases) == synthetic.NO_TARGET_REFS_PER_IMAGE == len(set(phrases))
+    pairs = [tuple(p.split()[1:3]) for p in phrases]
+    assert not present & set(pairs)
+    # The first is a near miss: a category that is in the scene, in a colour it does not have there.
+    assert pairs[0][1] in {category for _, category in present}

@@ -73,6 +73,7 @@ class DataConfig:
   toy_tokenizer_vocab_size: int = 512
   prompt_style: str = "unires"
   system_prompt: str = ""
+  answer_decision_weight: float = 1.0
 
   def __post_init__(self):
     object.__setattr__(self, "sources", tuple(
@@ -87,6 +88,8 @@ class DataConfig:
       raise ValueError(f"data.prompt_style {self.prompt_style!r}: expected one of {sorted(PROMPT_STYLES)}")
     if self.too_long not in TOO_LONG_POLICIES:
       raise ValueError(f"data.too_long {self.too_long!r}: expected one of {TOO_LONG_POLICIES}")
+    if not self.answer_decision_weight > 0:
+      raise ValueError(f"data.answer_decision_weight must be > 0, got {self.answer_decision_weight!r}")
     if any(s.weight <= 0 for s in self.sources):
       raise ValueError(f"data.sources weights must be positive, got {[s.weight for s in self.sources]}")
     if not (self.instruction_templates and self.answer_templates and self.no_target_answer_templates):
@@ -118,8 +121,11 @@ class PipelineStats:
 
 
 def _pack(tokenizer: tokenizer_lib.Tokenizer, length: int, ids: list[int], types: list[int],
-          answer_start: int) -> dict[str, np.ndarray]:
-  """Right-pads a sequence that fits into `length` and derives the shifted targets and the answer's loss mask."""
+          answer_start: int, decision_weight: float = 1.0) -> dict[str, np.ndarray]:
+  """Right-pads a sequence that fits into `length` and derives the shifted targets and the answer's loss mask.
+
+  The position that predicts the answer's first token weighs `decision_weight`, the others 1: with the default
+  templates (configs/data_common.py) that token alone says target ("Sure", "It") or no target ("Sorry", "There")."""
   used = len(ids)
   input_ids = np.full((length,), tokenizer.pad_id, np.int32)  # [L]
   input_ids[:used] = ids
@@ -131,6 +137,8 @@ def _pack(tokenizer: tokenizer_lib.Tokenizer, length: int, ids: list[int], types
   target_ids[:-1] = input_ids[1:]
   loss_mask = np.zeros((length,), np.float32)  # [L]
   loss_mask[answer_start - 1:used - 1] = 1.0  # the positions whose next token is in the answer span
+  if answer_start - 1 < used - 1:
+    loss_mask[answer_start - 1] = decision_weight
   seg_id = tokenizer.special_ids[tokenizer_lib.SEG_TOKEN]
   seg_positions = np.flatnonzero(input_ids[answer_start:used] == seg_id)
   seg_index = answer_start + int(seg_positions[0]) - 1 if seg_positions.size else 0
@@ -139,16 +147,18 @@ def _pack(tokenizer: tokenizer_lib.Tokenizer, length: int, ids: list[int], types
 
 
 def encode_text(tokenizer: tokenizer_lib.Tokenizer, layout: Layout, instruction: str,
-                answer: str) -> dict[str, np.ndarray] | None:
+                answer: str, decision_weight: float = 1.0) -> dict[str, np.ndarray] | None:
   """Token arrays of one sample, each [L]; None when prompt + answer + `</s>` exceed `max_text_len`.
 
-  The answer span is the answer's tokens and `</s>`; `loss_mask` is 1 at the positions that predict them.
+  The answer span is the answer's tokens and `</s>`; `loss_mask` is 1 at the positions that predict them
+  (`decision_weight` at the one that predicts the first, see `_pack`).
   """
   ids, types = prompt_ids(tokenizer, layout, instruction)
   answer_ids = tokenizer.encode(answer) + [tokenizer.eos_id]
   if len(ids) + len(answer_ids) > layout.max_text_len:
     return None
-  return _pack(tokenizer, layout.max_text_len, ids + answer_ids, types + [TEXT] * len(answer_ids), len(ids))
+  return _pack(tokenizer, layout.max_text_len, ids + answer_ids, types + [TEXT] * len(answer_ids), len(ids),
+               decision_weight)
 
 
 def inert_text(tokenizer: tokenizer_lib.Tokenizer, layout: Layout, instruction: str) -> dict[str, np.ndarray]:
@@ -256,7 +266,8 @@ class SampleEncoder:
       kept, dropped[granularity] = select_boxes(boxes, is_target & targets_first, max_boxes)
       out[f"{granularity}_boxes"], out[f"{granularity}_box_mask"] = canvas_boxes(
           kept, height, width, layout.image_size_high, max_boxes)
-    text = encode_text(self.tokenizer, layout, instruction, answer)
+    text = encode_text(self.tokenizer, layout, instruction, answer,
+                       data.answer_decision_weight if self.train else 1.0)
     too_long = text is None
     if too_long:
       ids = sample["ids"]

@@ -34,6 +34,7 @@ BACKGROUND = (200, 200, 200)
 CRIS_NAME = "synthetic_m"
 GROUP_REF_ID_START = 1_000_000  # multi-object and no-target refs; object/part refs use their ann_id as ref_id
 MARKER = "synthetic_done.json"
+NO_TARGET_REFS_PER_IMAGE = 2  # a near miss and one other absent colour and category
 
 
 def _rect(x0, y0, x1, y1) -> list[float]:
@@ -142,9 +143,15 @@ def describe_scene(objects: list[dict], rng: random.Random) -> list[dict]:
     members = [(i, None) for i, o in enumerate(objects) if o["category"] == category]
     if len(members) >= 2 and len({objects[i]["colour"] for i, _ in members}) > 1:
       refs.append({"kind": "multi-object", "targets": members, "sentences": [f"all {category}s"]})
+  # No target: a near miss first (a category in the scene in a colour it does not have there), then any other
+  # absent colour and category, so that "the <colour> <category>" must be checked against the image.
   absent = [(c, k) for c in COLOURS for k in CATEGORIES if (c, k) not in counts]
-  colour, category = rng.choice(absent)
-  refs.append({"kind": "no-target", "targets": [], "sentences": [f"the {colour} {category}"]})
+  present_categories = {k for _, k in counts}
+  near_misses = [pair for pair in absent if pair[1] in present_categories]
+  chosen = [rng.choice(near_misses)]
+  chosen.append(rng.choice([pair for pair in absent if pair != chosen[0]]))
+  for colour, category in chosen[:NO_TARGET_REFS_PER_IMAGE]:
+    refs.append({"kind": "no-target", "targets": [], "sentences": [f"the {colour} {category}"]})
   return refs
 
 

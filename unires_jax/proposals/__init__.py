@@ -7,6 +7,7 @@ contract). Importing this package registers every built-in source.
 from unires_jax.proposals.base import (SOURCES, ImageInput, ImageProposals, ProposalSource, attach, build_source,
                                        empty_proposals)
 from unires_jax.proposals import annotations  # noqa: F401  (registers 'annotations' and 'none')
+from unires_jax.proposals import colour_regions  # noqa: F401  (registers 'colour_regions')
 from unires_jax.proposals import detections  # noqa: F401  (registers 'detections')
 from unires_jax.proposals import sam  # noqa: F401  (registers 'sam')
 
