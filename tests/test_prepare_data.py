@@ -74,20 +74,16 @@ def test_skip_bad_counts_land_in_index(synthetic_dir, tmp_path):
   assert index["num_refs"] == len(kept)
 
 
-def test_tfds_style_data_source(synthetic_dir, tmp_path):
-  from unires_jax.data import tfds_builder
-
-  out = tmp_path / "prepared" / "synthetic_cris" / "val"
+def test_cris_split_serves_every_sentence_as_one_sample(synthetic_dir, tmp_path):
+  out = str(tmp_path / "prepared" / "synthetic_cris" / "val")
   index = prepare_data.main(["--dataset", "synthetic_cris", "--data-dir", synthetic_dir, "--split", "val",
-                             "--out", str(out)])
-  assert tfds_builder.prepared_splits(str(tmp_path / "prepared")) == {"synthetic_cris/val": str(out)}
-  source = tfds_builder.data_source("synthetic_cris", "val", str(tmp_path / "prepared"))
+                             "--out", out])
+  source = records.SplitSource(out)
   assert len(source) == index["num_samples"]
   entries = json.load(open(os.path.join(synthetic_dir, "cris", "anns", synthetic.CRIS_NAME, "val.json")))
   expected = {(e["segment_id"], s["sent_id"]) for e in entries for s in e["sentences"]}
-  assert {(s["ids"]["ref_id"], s["ids"]["sent_id"]) for s in source.__getitems__(range(len(source)))} == expected
-  with pytest.raises(KeyError, match="synthetic_cris/val"):
-    tfds_builder.data_source("refcoco", "val", str(tmp_path / "prepared"))
+  assert {(source.sample(i)["ids"]["ref_id"], source.sample(i)["ids"]["sent_id"]) for i in range(len(source))} \
+      == expected
 
 
 def _detection_files(synthetic_dir, tmp_path, split):

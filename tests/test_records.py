@@ -159,3 +159,16 @@ def test_truncated_shard_is_named(tmp_path):
   path.write_bytes(data[: len(data) // 3])
   with pytest.raises(records.RecordError, match="records-00000-of-00001.array_record"):
     records.SplitSource(str(tmp_path))
+
+
+def test_shards_hold_the_schema_bytes_and_nothing_else(tmp_path):
+  """The one on-disk format: each shard entry is `record_schema.encode_record(record)`, in round-robin order."""
+  import grain
+
+  from unires_jax.data import record_schema
+
+  made = [make_record(i)[0] for i in range(3)]
+  records.write_split(made, str(tmp_path), num_shards=2)
+  raw = grain.sources.ArrayRecordDataSource([str(tmp_path / records.shard_name(k, 2)) for k in range(2)])
+  assert [raw[i] for i in range(len(raw))] == [record_schema.encode_record(made[j]) for j in (0, 2, 1)]
+  assert records.RecordError is record_schema.RecordError  # the schema's names, re-exported for callers
