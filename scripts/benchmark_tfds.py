@@ -58,7 +58,8 @@ def _tfds_builder_class(records_list: list[dict]):
         props = record["proposals"]
         yield j, {**{k: record[k] for k in ("dataset", "image_id", "file_name", "height", "width", "image_bytes")},
                   "annotations": [{"ann_id": a["ann_id"], "category": a["category"], "granularity": a["granularity"],
-                                   "bbox": a["bbox"], "rle_counts": a["rle"]["counts"]} for a in record["annotations"]],
+                                   "bbox": a["bbox"], "rle_counts": a["rle"]["counts"]}
+                                  for a in record["annotations"]],
                   "proposals": {"object": np.asarray(props["object"], np.float64).reshape(-1, 4),
                                 "part": np.asarray(props["part"], np.float64).reshape(-1, 4),
                                 "object_scores": np.asarray(props["object_scores"], np.float64),
@@ -85,7 +86,8 @@ def record_from_tfds(item: dict) -> dict:
   proposals = {"object": props["object"].tolist(), "part": props["part"].tolist(),
                "object_scores": props["object_scores"].tolist(), "part_scores": props["part_scores"].tolist(),
                "source": _text(props["source"])}
-  record = {"dataset": _text(item["dataset"]), "image_id": int(item["image_id"]), "file_name": _text(item["file_name"]),
+  record = {"dataset": _text(item["dataset"]), "image_id": int(item["image_id"]),
+            "file_name": _text(item["file_name"]),
             "height": height, "width": width, "image_bytes": bytes(item["image_bytes"]), "annotations": annotations,
             "proposals": proposals, "refs": json.loads(_text(item["refs_json"]))}
   records.validate_record(record, f"tfds/{record['image_id']}")
@@ -160,12 +162,12 @@ def main(argv=None) -> None:
     sample_order = np.random.default_rng(2).integers(0, len(own), args.reads)
     own_sample_rate = _rate(own.sample, sample_order)
     tfds_sample_rate = _rate(lambda i: _tfds_sample(source, own.sample_table, i), sample_order)
-    sizes = {"own_bytes": sum(os.path.getsize(os.path.join(root, "own", n)) for n in os.listdir(os.path.join(root, "own"))),
-             "tfds_bytes": sum(os.path.getsize(os.path.join(d, n)) for d, _, ns in os.walk(os.path.join(root, "tfds"))
-                               for n in ns)}
+    sizes = {f"{name}_bytes": sum(os.path.getsize(os.path.join(d, n)) for d, _, ns in os.walk(os.path.join(root, name))
+                                  for n in ns) for name in ("own", "tfds")}
   report = dict(cpu_count=os.cpu_count(), images=args.images, random_reads=args.reads, faithful_round_trip=faithful,
                 write_s={"own": round(own_write, 3), "tfds": round(tfds_write, 3)},
-                records_per_s={"own_split_source": round(own_rate, 1), "tfds_data_source_as_record": round(tfds_rate, 1),
+                records_per_s={"own_split_source": round(own_rate, 1),
+                               "tfds_data_source_as_record": round(tfds_rate, 1),
                                "tfds_data_source_item_only": round(tfds_item_rate, 1)},
                 samples_per_s={"own_split_source": round(own_sample_rate, 1),
                                "tfds_data_source": round(tfds_sample_rate, 1)},
