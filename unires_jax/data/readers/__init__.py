@@ -40,6 +40,6 @@ __all__ = [
     "MalformedEntryError", "_ImagePlan", "_box", "_coco_plans", "_cris_sources", "_dataset_dir", "_emit",
     "_fit_box", "_get", "_grefcoco_sources", "_image_id_from_name", "_load_json", "_mres_sources", "_plan_bad",
     "_read_image", "_refer_sources", "_rle_to_record", "_sentences", "_upright", "_xywh_to_xyxy",
-    "image_dir_candidates", "in_subfolder", "pick_image_dir", "read_coco_refs", "read_cris", "read_grefcoco", "read_mres",
-    "read_refer", "register", "segment_annotation_and_ref", "segmentation_to_rle",
+    "image_dir_candidates", "in_subfolder", "pick_image_dir", "read_coco_refs", "read_cris", "read_grefcoco",
+    "read_mres", "read_refer", "register", "segment_annotation_and_ref", "segmentation_to_rle",
 ]
