@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from unires_jax import sharding
-from unires_jax.models import llm
+from unires_jax.models import llm, llm_attention
 
 CFG = llm.LlamaConfig(vocab_size=61, hidden_size=24, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=6,
                       mlp_dim=40, rope_theta=500.0, rms_norm_eps=1e-5, max_seq_len=16, scan_layers=True,
@@ -323,7 +323,7 @@ def test_attention_implementations_agree_with_padding_gqa_and_empty_rows():
   key_mask[1, :2] = False  # left padding: the first two queries of row 1 have no allowed key
   key_mask[2, 3] = False   # a hole in the middle
   allowed = jnp.asarray(np.tril(np.ones((length, length), bool))[None] & key_mask[:, None, :])
-  outputs = {impl: np.asarray(jax.jit(functools.partial(llm.attend, impl=impl, dtype=jnp.float32))(
+  outputs = {impl: np.asarray(jax.jit(functools.partial(llm_attention.attend, impl=impl, dtype=jnp.float32))(
       query, key, value, allowed)) for impl in ("einsum", "xla")}
   assert np.isfinite(outputs["xla"]).all()
   np.testing.assert_allclose(outputs["xla"], outputs["einsum"], atol=1e-5, rtol=0)

@@ -123,7 +123,22 @@ def _to_numpy(tensor) -> np.ndarray:
   return tensor_to_numpy(tensor)
 
 
-class TensorReader(Mapping):
+class NamedTensors(Mapping):
+  """A Mapping name → numpy array whose names are the keys of `self._where` (name → the file that holds it);
+  subclasses fill `_where` and read a tensor in `__getitem__`."""
+  _where: dict[str, str]
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._where)
+
+  def __len__(self) -> int:
+    return len(self._where)
+
+  def __contains__(self, name: object) -> bool:
+    return name in self._where
+
+
+class TensorReader(NamedTensors):
   """Name → numpy array over one or several weight files, read lazily one tensor at a time.
 
   Safetensors files are opened with `safe_open` (memory-mapped); `.bin` files are read with
@@ -155,15 +170,6 @@ class TensorReader(Mapping):
     handle = self._open(file)
     value = handle.get_tensor(name) if file.endswith(".safetensors") else handle[name]
     return _to_numpy(value)
-
-  def __iter__(self) -> Iterator[str]:
-    return iter(self._where)
-
-  def __len__(self) -> int:
-    return len(self._where)
-
-  def __contains__(self, name: object) -> bool:
-    return name in self._where
 
 
 def _torch_load(file: str) -> Mapping:
@@ -235,17 +241,13 @@ def stream_import(entries: Iterable[mapping.Entry], reader: Mapping[str, np.ndar
   rows = []
   claimed: set[str] = set()
   for entry in entries:
-    groups = ([tuple(n.format(i=i) for n in entry.torch_names) for i in range(num_layers)] if entry.stacked
-              else [entry.torch_names])
     if entry.jax_path not in abstract:
       raise KeyError(f"{what}: table entry {entry.jax_path!r} is not a parameter of the target model")
     want = abstract[entry.jax_path]
+    groups = mapping.torch_name_groups(entry, num_layers)
     layers = []
     for names in groups:
-      missing = [n for n in names if n not in reader]
-      if missing:
-        raise KeyError(f"{what}: tensor {missing[0]!r} (for {entry.jax_path}) is missing")
-      claimed.update(names)
+      mapping.claim_tensors(names, reader, entry, claimed, what)
       want_shape = tuple(want.shape[1:]) if entry.stacked else tuple(want.shape)
       tensors = [reader[n] for n in names]
       mapping.check_torch_shapes(entry, names, tensors, want_shape, what, getattr(reader, "file_of", None))

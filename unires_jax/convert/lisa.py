@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterator, Mapping
 
 import numpy as np
 
-from unires_jax.convert import checkpoints, mapping
+from unires_jax.convert import checkpoints, mapping, sam_vit
 from unires_jax.convert.llama import llama_table
-from unires_jax.convert.sam import _attention, _conv_transpose_to_jax, _conv_transpose_to_torch
-from unires_jax.convert.sam_vit import _attention_entries as _vit_attention_entries
+from unires_jax.convert.sam import two_way_transformer_table, upscaling_table
 from unires_jax.convert.unires import prefixed
 from unires_jax.models.mask_decoder import MaskDecoderConfig
 from unires_jax.models.sam_vit import SamVitConfig
@@ -45,26 +43,7 @@ UNUSED = (r"model\.visual_model\.prompt_encoder\.point_embeddings\.\d+\.weight",
 
 def sam_vit_table(cfg: SamVitConfig, prefix: str = SAM + "image_encoder.") -> list[mapping.Entry]:
   """`SamVisionEncoder` params ↔ segment-anything `ImageEncoderViT` names (`blocks.{i}`, `neck.{0..3}`)."""
-  entries = [
-      mapping.Entry.make("patch_embed/kernel", prefix + "patch_embed.proj.weight", mapping.conv_to_jax,
-                         mapping.conv_to_torch),
-      mapping.Entry.make("patch_embed/bias", prefix + "patch_embed.proj.bias"),
-      mapping.Entry.make("pos_embed", prefix + "pos_embed", lambda p: p[0], lambda p: p[None]),
-  ]
-  for index in range(cfg.depth):
-    jax_layer, torch_layer = f"layers_{index}", f"{prefix}blocks.{index}"
-    entries += (mapping.norm(f"{jax_layer}/layer_norm1", f"{torch_layer}.norm1")
-                + _vit_attention_entries(cfg, jax_layer, torch_layer)
-                + mapping.norm(f"{jax_layer}/layer_norm2", f"{torch_layer}.norm2")
-                + mapping.linear(f"{jax_layer}/mlp/lin1", f"{torch_layer}.mlp.lin1")
-                + mapping.linear(f"{jax_layer}/mlp/lin2", f"{torch_layer}.mlp.lin2"))
-  entries += [
-      mapping.Entry.make("neck/conv1/kernel", prefix + "neck.0.weight", mapping.conv_to_jax, mapping.conv_to_torch),
-      mapping.Entry.make("neck/conv2/kernel", prefix + "neck.2.weight", mapping.conv_to_jax, mapping.conv_to_torch),
-  ]
-  entries += mapping.norm("neck/layer_norm1", prefix + "neck.1")
-  entries += mapping.norm("neck/layer_norm2", prefix + "neck.3")
-  return entries
+  return sam_vit.sam_vit_table(cfg, prefix, sam_vit.SEGMENT_ANYTHING_NAMES)
 
 
 def _mlp(jax_prefix: str, torch_prefix: str, num_layers: int) -> list[mapping.Entry]:
@@ -84,21 +63,9 @@ def sam_decoder_table(cfg: MaskDecoderConfig, prefix: str = SAM) -> list[mapping
       mapping.Entry.make("iou_token/embedding", f"{md}.iou_token.weight"),
       mapping.Entry.make("mask_tokens/embedding", f"{md}.mask_tokens.weight"),
   ]
-  for i in range(cfg.depth):
-    jax_layer, torch_layer = f"transformer/layers_{i}", f"{md}.transformer.layers.{i}"
-    for attn in ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token"):
-      table += _attention(f"{jax_layer}/{attn}", f"{torch_layer}.{attn}")
-    table += mapping.linear(f"{jax_layer}/mlp/lin1", f"{torch_layer}.mlp.lin1")
-    table += mapping.linear(f"{jax_layer}/mlp/lin2", f"{torch_layer}.mlp.lin2")
-    for n in range(1, 5):
-      table += mapping.norm(f"{jax_layer}/layer_norm{n}", f"{torch_layer}.norm{n}")
-  table += _attention("transformer/final_attn_token_to_image", f"{md}.transformer.final_attn_token_to_image")
-  table += mapping.norm("transformer/layer_norm_final_attn", f"{md}.transformer.norm_final_attn")
-  for conv, index in (("upscale_conv1", 0), ("upscale_conv2", 3)):
-    table += [mapping.Entry.make(f"{conv}/kernel", f"{md}.output_upscaling.{index}.weight", _conv_transpose_to_jax,
-                                 _conv_transpose_to_torch),
-              mapping.Entry.make(f"{conv}/bias", f"{md}.output_upscaling.{index}.bias")]
-  table += mapping.norm("upscale_layer_norm", f"{md}.output_upscaling.1")
+  table += two_way_transformer_table(cfg.depth, f"{md}.transformer", norm="norm")
+  # segment-anything's `output_upscaling` Sequential: 0 and 3 the transposed convs, 1 the LayerNorm2d.
+  table += upscaling_table(md, ("output_upscaling.0", "output_upscaling.3"), "output_upscaling.1")
   for i in range(cfg.num_mask_tokens):
     table += _mlp(f"output_hypernetworks_mlps_{i}", f"{md}.output_hypernetworks_mlps.{i}", 3)
   table += _mlp("iou_prediction_head", f"{md}.iou_prediction_head", cfg.iou_head_depth)
@@ -128,7 +95,7 @@ def lisa_table(cfg: UniRESConfig) -> list[mapping.Entry]:
   return table
 
 
-class IndexedReader(Mapping):
+class IndexedReader(checkpoints.NamedTensors):
   """Name → numpy array over the shards an HF index file lists, read lazily one tensor at a time.
 
   Every shard the index names must exist and hold the tensors the index assigns to it; a shard is opened only
@@ -171,15 +138,6 @@ class IndexedReader(Mapping):
 
   def __getitem__(self, name: str) -> np.ndarray:
     return self._readers[self._where[name]][name]
-
-  def __iter__(self) -> Iterator[str]:
-    return iter(self._where)
-
-  def __len__(self) -> int:
-    return len(self._where)
-
-  def __contains__(self, name: object) -> bool:
-    return name in self._where
 
 
 def lisa_special_ids(directory: str) -> dict[str, int]:

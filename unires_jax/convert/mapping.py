@@ -130,8 +130,19 @@ def check_torch_shapes(entry: Entry, names: Sequence[str], tensors: Sequence[np.
                        f"for {entry.jax_path} {tuple(jax_shape)} (wrong architecture or size?)")
 
 
-def _layer_names(entry: Entry, num_layers: int) -> list[tuple[str, ...]]:
+def torch_name_groups(entry: Entry, num_layers: int) -> list[tuple[str, ...]]:
+  """The torch names an entry reads: one group per layer (`{i}` filled in) when stacked, else its own names."""
+  if not entry.stacked:
+    return [entry.torch_names]
   return [tuple(n.format(i=i) for n in entry.torch_names) for i in range(num_layers)]
+
+
+def claim_tensors(names: tuple[str, ...], tensors: Mapping, entry: Entry, claimed: set[str], what: str) -> None:
+  """Marks `names` as read for `entry`; a name `tensors` lacks is a KeyError naming it and the entry."""
+  missing = [n for n in names if n not in tensors]
+  if missing:
+    raise KeyError(f"{what}: tensor {missing[0]!r} (for {entry.jax_path}) is missing")
+  claimed.update(names)
 
 
 def import_params(entries: Iterable[Entry], state_dict: Mapping[str, np.ndarray], num_layers: int = 0,
@@ -146,13 +157,10 @@ def import_params(entries: Iterable[Entry], state_dict: Mapping[str, np.ndarray]
   flat: dict[str, np.ndarray] = {}
   claimed: set[str] = set()
   for entry in entries:
-    groups = _layer_names(entry, num_layers) if entry.stacked else [entry.torch_names]
+    groups = torch_name_groups(entry, num_layers)
     values = []
     for names in groups:
-      missing = [n for n in names if n not in state_dict]
-      if missing:
-        raise KeyError(f"{what}: tensor {missing[0]!r} (for {entry.jax_path}) is missing")
-      claimed.update(names)
+      claim_tensors(names, state_dict, entry, claimed, what)
       tensors = [np.asarray(state_dict[n]) for n in names]
       if expected is not None and entry.jax_path in expected:
         want_shape = tuple(expected[entry.jax_path])

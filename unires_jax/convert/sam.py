@@ -55,6 +55,33 @@ def _feed_forward(jax_prefix: str, torch_prefix: str, num_layers: int) -> list[m
           for e in mapping.linear(f"{jax_prefix}/{jax_name}", f"{torch_prefix}.{torch_name}")]
 
 
+def two_way_transformer_table(depth: int, torch_prefix: str, norm: str = "layer_norm") -> list[mapping.Entry]:
+  """The two-way transformer (`transformer/...`) ↔ `{torch_prefix}.layers.{i}.*` and its final attention; `norm`
+  is the stem of the torch norms' names (HF `layer_norm{n}`, segment-anything `norm{n}`)."""
+  table = []
+  for i in range(depth):
+    jax_layer, torch_layer = f"transformer/layers_{i}", f"{torch_prefix}.layers.{i}"
+    for attn in ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token"):
+      table += _attention(f"{jax_layer}/{attn}", f"{torch_layer}.{attn}")
+    table += mapping.linear(f"{jax_layer}/mlp/lin1", f"{torch_layer}.mlp.lin1")
+    table += mapping.linear(f"{jax_layer}/mlp/lin2", f"{torch_layer}.mlp.lin2")
+    for n in range(1, 5):
+      table += mapping.norm(f"{jax_layer}/layer_norm{n}", f"{torch_layer}.{norm}{n}")
+  table += _attention("transformer/final_attn_token_to_image", f"{torch_prefix}.final_attn_token_to_image")
+  table += mapping.norm("transformer/layer_norm_final_attn", f"{torch_prefix}.{norm}_final_attn")
+  return table
+
+
+def upscaling_table(torch_prefix: str, conv_names: tuple[str, str], norm_name: str) -> list[mapping.Entry]:
+  """The mask upscaling (transposed conv, LayerNorm2d, transposed conv) ↔ `{torch_prefix}.{name}` torch names."""
+  table = []
+  for conv, torch_name in zip(("upscale_conv1", "upscale_conv2"), conv_names):
+    table += [mapping.Entry.make(f"{conv}/kernel", f"{torch_prefix}.{torch_name}.weight", _conv_transpose_to_jax,
+                                 _conv_transpose_to_torch),
+              mapping.Entry.make(f"{conv}/bias", f"{torch_prefix}.{torch_name}.bias")]
+  return table + mapping.norm("upscale_layer_norm", f"{torch_prefix}.{norm_name}")
+
+
 def sam_decoder_table(cfg: MaskDecoderConfig | Any) -> list[mapping.Entry]:
   """Every `MaskDecoder` parameter and its `SamModel` state-dict name."""
   cfg = _as_config(cfg)
@@ -70,21 +97,8 @@ def sam_decoder_table(cfg: MaskDecoderConfig | Any) -> list[mapping.Entry]:
               for i in (0, 1)]
     table.append(mapping.Entry.make("prompt_encoder/not_a_point_embed/embedding",
                                     "prompt_encoder.not_a_point_embed.weight"))
-  for i in range(cfg.depth):
-    jax_layer, torch_layer = f"transformer/layers_{i}", f"{md}.transformer.layers.{i}"
-    for attn in ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token"):
-      table += _attention(f"{jax_layer}/{attn}", f"{torch_layer}.{attn}")
-    table += mapping.linear(f"{jax_layer}/mlp/lin1", f"{torch_layer}.mlp.lin1")
-    table += mapping.linear(f"{jax_layer}/mlp/lin2", f"{torch_layer}.mlp.lin2")
-    for n in range(1, 5):
-      table += mapping.norm(f"{jax_layer}/layer_norm{n}", f"{torch_layer}.layer_norm{n}")
-  table += _attention("transformer/final_attn_token_to_image", f"{md}.transformer.final_attn_token_to_image")
-  table += mapping.norm("transformer/layer_norm_final_attn", f"{md}.transformer.layer_norm_final_attn")
-  for conv in ("upscale_conv1", "upscale_conv2"):
-    table += [mapping.Entry.make(f"{conv}/kernel", f"{md}.{conv}.weight", _conv_transpose_to_jax,
-                                 _conv_transpose_to_torch),
-              mapping.Entry.make(f"{conv}/bias", f"{md}.{conv}.bias")]
-  table += mapping.norm("upscale_layer_norm", f"{md}.upscale_layer_norm")
+  table += two_way_transformer_table(cfg.depth, f"{md}.transformer")
+  table += upscaling_table(md, ("upscale_conv1", "upscale_conv2"), "upscale_layer_norm")
   for i in range(cfg.num_mask_tokens):
     table += _feed_forward(f"output_hypernetworks_mlps_{i}", f"{md}.output_hypernetworks_mlps.{i}", 3)
   table += _feed_forward("iou_prediction_head", f"{md}.iou_prediction_head", cfg.iou_head_depth)

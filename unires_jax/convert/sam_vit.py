@@ -6,6 +6,7 @@ projection `[D, D]` becomes `[H, Dh, D]`; `pos_embed` drops torch's leading batc
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import flax.linen as nn
@@ -40,29 +41,41 @@ def _attention_entries(cfg: SamVitConfig, jax_layer: str, torch_layer: str) -> l
   ]
 
 
-def sam_vit_table(cfg: SamVitConfig, prefix: str = PREFIX) -> list[mapping.Entry]:
-  """The JAX path ↔ HF name table for one config (the head reshapes and the depth depend on it)."""
+@dataclasses.dataclass(frozen=True)
+class SamVitNames:
+  """The torch names of the encoder's pieces, which differ between HF `SamVisionEncoder` (the defaults) and
+  segment-anything's `ImageEncoderViT` (`SEGMENT_ANYTHING_NAMES`, LISA's layout); the tensors are the same."""
+  patch_embed: str = "patch_embed.projection"
+  blocks: str = "layers"
+  block_norm: str = "layer_norm"  # the blocks' `{block_norm}1`, `{block_norm}2`
+  neck_convs: tuple[str, str] = ("neck.conv1", "neck.conv2")
+  neck_norms: tuple[str, str] = ("neck.layer_norm1", "neck.layer_norm2")
+
+
+SEGMENT_ANYTHING_NAMES = SamVitNames(patch_embed="patch_embed.proj", blocks="blocks", block_norm="norm",
+                                     neck_convs=("neck.0", "neck.2"), neck_norms=("neck.1", "neck.3"))
+
+
+def sam_vit_table(cfg: SamVitConfig, prefix: str = PREFIX, names: SamVitNames = SamVitNames()
+                  ) -> list[mapping.Entry]:
+  """The JAX path ↔ torch name table for one config (the head reshapes and the depth depend on it)."""
   entries = [
-      mapping.Entry.make("patch_embed/kernel", prefix + "patch_embed.projection.weight", mapping.conv_to_jax,
+      mapping.Entry.make("patch_embed/kernel", f"{prefix}{names.patch_embed}.weight", mapping.conv_to_jax,
                          mapping.conv_to_torch),
-      mapping.Entry.make("patch_embed/bias", prefix + "patch_embed.projection.bias"),
+      mapping.Entry.make("patch_embed/bias", f"{prefix}{names.patch_embed}.bias"),
       mapping.Entry.make("pos_embed", prefix + "pos_embed", lambda p: p[0], lambda p: p[None]),
   ]
   for index in range(cfg.depth):
-    jax_layer, torch_layer = f"layers_{index}", f"{prefix}layers.{index}"
-    entries += (mapping.norm(f"{jax_layer}/layer_norm1", f"{torch_layer}.layer_norm1")
+    jax_layer, torch_layer = f"layers_{index}", f"{prefix}{names.blocks}.{index}"
+    entries += (mapping.norm(f"{jax_layer}/layer_norm1", f"{torch_layer}.{names.block_norm}1")
                 + _attention_entries(cfg, jax_layer, torch_layer)
-                + mapping.norm(f"{jax_layer}/layer_norm2", f"{torch_layer}.layer_norm2")
+                + mapping.norm(f"{jax_layer}/layer_norm2", f"{torch_layer}.{names.block_norm}2")
                 + mapping.linear(f"{jax_layer}/mlp/lin1", f"{torch_layer}.mlp.lin1")
                 + mapping.linear(f"{jax_layer}/mlp/lin2", f"{torch_layer}.mlp.lin2"))
-  entries += [
-      mapping.Entry.make("neck/conv1/kernel", prefix + "neck.conv1.weight", mapping.conv_to_jax,
-                         mapping.conv_to_torch),
-      mapping.Entry.make("neck/conv2/kernel", prefix + "neck.conv2.weight", mapping.conv_to_jax,
-                         mapping.conv_to_torch),
-  ]
-  entries += mapping.norm("neck/layer_norm1", prefix + "neck.layer_norm1")
-  entries += mapping.norm("neck/layer_norm2", prefix + "neck.layer_norm2")
+  entries += [mapping.Entry.make(f"neck/conv{n}/kernel", f"{prefix}{conv}.weight", mapping.conv_to_jax,
+                                 mapping.conv_to_torch) for n, conv in enumerate(names.neck_convs, 1)]
+  for n, norm in enumerate(names.neck_norms, 1):
+    entries += mapping.norm(f"neck/layer_norm{n}", prefix + norm)
   return entries
 
 

@@ -155,5 +155,5 @@ def refcocom_sources(data_dir: str, split: str, **_) -> list[str]:
   return [os.path.join(data_dir, "annotations", f"{split}.json")]
 
 
-# RefCOCOm in its released layout; `refcocom_cris` (readers.py) reads the CRIS layout.
+# RefCOCOm in its released layout; `refcocom_cris` (readers/cris.py) reads the CRIS layout.
 readers.register("refcocom", read_refcocom, refcocom_sources, dataset="refcocom")

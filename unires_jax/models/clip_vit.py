@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unires_jax.models.layers import logical_dense, logical_layer_norm
+from unires_jax.models.vit_sizes import VitSizes
 from unires_jax.sharding import with_logical_constraint, logical_init
 
 Dtype = Any
@@ -26,35 +28,16 @@ HIDDEN = ("activation_batch", "activation_length", "activation_embed")
 
 
 @dataclasses.dataclass(frozen=True)
-class ClipVitConfig:
-  """The `model.vit` section: `ClipVitConfig(**cfg.model.vit.to_dict())`."""
-  image_size: int
-  patch_size: int
-  width: int
-  depth: int
-  num_heads: int
-  mlp_dim: int
+class ClipVitConfig(VitSizes):
+  """The `model.vit` section: `ClipVitConfig(**cfg.model.vit.to_dict())`; the sizes come first (`VitSizes`)."""
   select_layer: int = -2
   layer_norm_eps: float = 1e-5
 
   def __post_init__(self):
-    if self.width % self.num_heads:
-      raise ValueError(f"ClipVitConfig: width {self.width} is not divisible by num_heads {self.num_heads}")
-    if self.image_size % self.patch_size:
-      raise ValueError(f"ClipVitConfig: image_size {self.image_size} is not divisible by patch_size "
-                       f"{self.patch_size}")
+    self.check_vit_sizes()
     if not -(self.depth + 1) <= self.select_layer <= self.depth:
       raise ValueError(f"ClipVitConfig: select_layer {self.select_layer} must index the {self.depth + 1} hidden "
                        f"states (in [{-(self.depth + 1)}, {self.depth}])")
-
-  @property
-  def head_dim(self) -> int:
-    return self.width // self.num_heads
-
-  @property
-  def grid_size(self) -> int:
-    """Patches per side at the native resolution (the position-embedding grid)."""
-    return self.image_size // self.patch_size
 
   @property
   def select_index(self) -> int:
@@ -98,12 +81,6 @@ def resize_position_grid(grid: jax.Array, height: int, width: int) -> jax.Array:
                     precision=jax.lax.Precision.HIGHEST).astype(grid.dtype)
 
 
-def _layer_norm(config: ClipVitConfig, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, name=name,
-                      scale_init=logical_init(nn.initializers.ones, ("norm",)),
-                      bias_init=logical_init(nn.initializers.zeros, ("norm",)))
-
-
 class HeadsProjection(nn.Module):
   """[B, N, D] → [B, N, H, Dh] (`to_heads`) or [B, N, H, Dh] → [B, N, D]: a Dense whose kernel keeps the head
   axes, so they can be sharded. (Flax's DenseGeneral reshapes a flat boxed init, which a mesh context rejects.)"""
@@ -131,11 +108,15 @@ class HeadsProjection(nn.Module):
     return jnp.einsum(equation, inputs.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
-class ClipAttention(nn.Module):
-  """Multi-head self-attention with separate q/k/v projections (HF `CLIPAttention`)."""
+class _ClipSublayer(nn.Module):
+  """The fields of an encoder layer's attention and MLP: the config and the compute / parameter dtypes."""
   config: ClipVitConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+
+
+class ClipAttention(_ClipSublayer):
+  """Multi-head self-attention with separate q/k/v projections (HF `CLIPAttention`)."""
 
   @nn.compact
   def __call__(self, hidden: jax.Array) -> jax.Array:  # [B, N, D]
@@ -152,22 +133,15 @@ class ClipAttention(nn.Module):
     return projection(False, name="out_proj")(attended)  # [B, N, D]
 
 
-class ClipMlp(nn.Module):
+class ClipMlp(_ClipSublayer):
   """fc1 → quick-GELU → fc2."""
-  config: ClipVitConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, hidden: jax.Array) -> jax.Array:  # [B, N, D]
     cfg = self.config
-    hidden = nn.Dense(cfg.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1",
-                      kernel_init=logical_init(nn.initializers.lecun_normal(), ("embed", "mlp")),
-                      bias_init=logical_init(nn.initializers.zeros, ("mlp",)))(hidden)
+    hidden = logical_dense(cfg.mlp_dim, ("embed", "mlp"), "fc1", self.dtype, self.param_dtype)(hidden)
     hidden = with_logical_constraint(quick_gelu(hidden), ("activation_batch", "activation_length", "activation_mlp"))
-    return nn.Dense(cfg.width, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2",
-                    kernel_init=logical_init(nn.initializers.lecun_normal(), ("mlp", "embed")),
-                    bias_init=logical_init(nn.initializers.zeros, ("embed",)))(hidden)
+    return logical_dense(cfg.width, ("mlp", "embed"), "fc2", self.dtype, self.param_dtype)(hidden)
 
 
 class ClipEncoderLayer(nn.Module):
@@ -182,9 +156,9 @@ class ClipEncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, carry: tuple[jax.Array, jax.Array], layer_number: jax.Array):
     hidden, selected = carry  # [B, N, D] each
-    norm1 = _layer_norm(self.config, self.dtype, self.param_dtype, "layer_norm1")
+    norm1 = logical_layer_norm("layer_norm1", self.config.layer_norm_eps, self.dtype, self.param_dtype)
     hidden = hidden + ClipAttention(self.config, self.dtype, self.param_dtype, name="self_attn")(norm1(hidden))
-    norm2 = _layer_norm(self.config, self.dtype, self.param_dtype, "layer_norm2")
+    norm2 = logical_layer_norm("layer_norm2", self.config.layer_norm_eps, self.dtype, self.param_dtype)
     hidden = hidden + ClipMlp(self.config, self.dtype, self.param_dtype, name="mlp")(norm2(hidden))
     hidden = with_logical_constraint(hidden, HIDDEN)
     selected = jnp.where(layer_number + 1 == self.config.select_index, hidden, selected)
@@ -238,7 +212,7 @@ class ClipVisionTransformer(nn.Module):
     embeddings = jnp.concatenate([class_token, patches], axis=1)  # [B, 1 + N, D]
     positions = jnp.concatenate([position_embedding[:1], patch_positions], axis=0)  # [1 + N, D]
     embeddings = embeddings + positions.astype(self.dtype)[None]
-    hidden = _layer_norm(cfg, self.dtype, self.param_dtype, "pre_layrnorm")(embeddings)
+    hidden = logical_layer_norm("pre_layrnorm", cfg.layer_norm_eps, self.dtype, self.param_dtype)(embeddings)
     hidden = with_logical_constraint(hidden, HIDDEN)
 
     layer = nn.remat(ClipEncoderLayer, prevent_cse=False) if self.remat else ClipEncoderLayer
@@ -247,6 +221,7 @@ class ClipVisionTransformer(nn.Module):
                          cfg, self.dtype, self.param_dtype, name="layers")
     (last, selected), _ = layers((hidden, hidden), jnp.arange(cfg.depth))
 
-    pooled = _layer_norm(cfg, self.dtype, self.param_dtype, "post_layernorm")(last[:, 0])  # [B, D]
+    post_layernorm = logical_layer_norm("post_layernorm", cfg.layer_norm_eps, self.dtype, self.param_dtype)
+    pooled = post_layernorm(last[:, 0])  # [B, D]
     self.sow("intermediates", "pooled", pooled)
     return selected[:, 1:]  # [B, N, D]

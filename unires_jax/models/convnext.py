@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unires_jax.models.layers import fan_in_uniform
+from unires_jax.models.layers import fan_in_uniform, logical_dense, logical_layer_norm
 from unires_jax.sharding import with_logical_constraint, logical_init
 
 Dtype = Any
@@ -101,12 +101,6 @@ class ConvNextConfig:
       raise ValueError(f"ConvNextConfig: image_size {self.image_size} is not divisible by {TOTAL_STRIDE}")
 
 
-def _layer_norm(config: ConvNextConfig, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, name=name,
-                      scale_init=logical_init(nn.initializers.ones, ("norm",)),
-                      bias_init=logical_init(nn.initializers.zeros, ("norm",)))
-
-
 def _conv(features: int, kernel: int, stride: int, dtype: Dtype, param_dtype: Dtype, name: str,
           in_axis: str | None, bias_init=nn.initializers.zeros) -> nn.Conv:
   """A strided, unpadded conv (the stem and the downsampling layers)."""
@@ -129,15 +123,11 @@ class ConvNextBlock(nn.Module):
     cfg = self.config
     hidden = DepthwiseConv(self.dim, 7, cfg.depthwise_impl, self.dtype, self.param_dtype,
                            name="dwconv")(features)  # [B, H, W, C]
-    hidden = _layer_norm(cfg, self.dtype, self.param_dtype, "norm")(hidden)
-    hidden = nn.Dense(4 * self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="pwconv1",
-                      kernel_init=logical_init(nn.initializers.lecun_normal(), ("embed", "mlp")),
-                      bias_init=logical_init(nn.initializers.zeros, ("mlp",)))(hidden)
+    hidden = logical_layer_norm("norm", cfg.layer_norm_eps, self.dtype, self.param_dtype)(hidden)
+    hidden = logical_dense(4 * self.dim, ("embed", "mlp"), "pwconv1", self.dtype, self.param_dtype)(hidden)
     hidden = nn.gelu(hidden, approximate=False)  # [B, H, W, 4C]
     hidden = with_logical_constraint(hidden, ("activation_batch", None, None, "activation_mlp"))
-    hidden = nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="pwconv2",
-                      kernel_init=logical_init(nn.initializers.lecun_normal(), ("mlp", "embed")),
-                      bias_init=logical_init(nn.initializers.zeros, ("embed",)))(hidden)
+    hidden = logical_dense(self.dim, ("mlp", "embed"), "pwconv2", self.dtype, self.param_dtype)(hidden)
     if cfg.layer_scale_init > 0:
       layer_scale = self.param("layer_scale", logical_init(
           nn.initializers.constant(cfg.layer_scale_init), ("embed",)), (self.dim,), self.param_dtype)
@@ -157,7 +147,7 @@ class ConvNextStage(nn.Module):
     cfg = self.config
     dim = cfg.dims[self.stage]
     if self.stage > 0:
-      features = _layer_norm(cfg, self.dtype, self.param_dtype, "downsample_norm")(features)
+      features = logical_layer_norm("downsample_norm", cfg.layer_norm_eps, self.dtype, self.param_dtype)(features)
       features = _conv(dim, 2, 2, self.dtype, self.param_dtype, "downsample_conv", "embed")(features)
       features = with_logical_constraint(features, FEATURE_MAP)
     for index in range(cfg.depths[self.stage]):
@@ -189,12 +179,13 @@ class ConvNeXt(nn.Module):
     stem_bias = fan_in_uniform(STEM_STRIDE * STEM_STRIDE * images.shape[-1])
     features = _conv(cfg.dims[0], STEM_STRIDE, STEM_STRIDE, self.dtype, self.param_dtype, "stem_conv", None,
                      stem_bias)(images.astype(self.dtype))  # [B, H/4, W/4, C0]
-    features = _layer_norm(cfg, self.dtype, self.param_dtype, "stem_norm")(features)
+    features = logical_layer_norm("stem_norm", cfg.layer_norm_eps, self.dtype, self.param_dtype)(features)
     features = with_logical_constraint(features, FEATURE_MAP)
     feature_maps = []
     for stage in range(NUM_STAGES):
       features = ConvNextStage(cfg, stage, self.dtype, self.param_dtype, name=f"stage_{stage}")(features)
       feature_maps.append(features)
-    pooled = _layer_norm(cfg, self.dtype, self.param_dtype, "head_norm")(features.mean(axis=(1, 2)))  # [B, C3]
+    head_norm = logical_layer_norm("head_norm", cfg.layer_norm_eps, self.dtype, self.param_dtype)
+    pooled = head_norm(features.mean(axis=(1, 2)))  # [B, C3]
     self.sow("intermediates", "pooled", pooled)
     return feature_maps

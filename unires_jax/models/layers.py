@@ -1,4 +1,5 @@
-"""Small layer constructors with logical axis names, shared by the UniRES-only parts of the model."""
+"""Small layer constructors with logical axis names (Dense, LayerNorm, conv), shared by the encoders, the mask
+decoder and the UniRES-only parts of the model."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def fan_in_uniform(fan_in: int):
   return init
 
 
-def logical_dense(features: int, names: tuple[str, str], name: str | None = None, dtype=jnp.float32,
+def logical_dense(features: int, names: tuple[str | None, str | None], name: str | None = None, dtype=jnp.float32,
                   param_dtype=jnp.float32) -> nn.Dense:
   """A Dense layer whose kernel carries `names` (in, out) and whose bias carries the output name.
 
@@ -34,6 +35,7 @@ def logical_dense(features: int, names: tuple[str, str], name: str | None = None
 
 
 def logical_layer_norm(name: str, epsilon: float = 1e-6, dtype=jnp.float32, param_dtype=jnp.float32) -> nn.LayerNorm:
+  """A LayerNorm (scale 1, bias 0) whose parameters carry the `norm` name."""
   return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
                       scale_init=logical_init(nn.initializers.ones_init(), ("norm",)),
                       bias_init=logical_init(nn.initializers.zeros_init(), ("norm",)))

@@ -11,114 +11,28 @@ tokens. With `decode=True` every call writes its tokens at the next free slots o
 with their mask, and continues the positions from the real tokens the cache already holds. Generation therefore
 prefills a right-padded prompt batch `[B, Lp]` and then steps one token at a time for all rows together; the
 padded slots stay masked for the rest of the sequence.
+
+The sizes are `LlamaConfig` (`llm_config.py`); attention, rotary positions and the KV cache are `llm_attention.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from einops import rearrange
 
+from unires_jax.models.llm_attention import Attention, default_positions
+from unires_jax.models.llm_config import LlamaConfig, REMAT_POLICIES
 from unires_jax.sharding import with_logical_constraint, logical_init
 
 Dtype = Any
 
-# Remat policies selectable by name in the config; 'none' disables rematerialisation.
-REMAT_POLICIES: dict[str, Callable | None] = {
-    "none": None,
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "everything_saveable": jax.checkpoint_policies.everything_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
 HIDDEN_AXES = ("activation_batch", "activation_length", "activation_embed")
-# Attention kernels selectable by config: "xla" and "cudnn" go through `jax.nn.dot_product_attention` (cuDNN's
-# fused attention on GPU), "einsum" is the plain scores/softmax/values formulation kept as the reference.
-ATTENTION_IMPLS = ("xla", "cudnn", "einsum")
-# How `decode=True` calls run stacked (`scan_layers`) layers: "unstacked" is a Python loop over per-layer params
-# (`with_decode_layers`), "scan" is the training path's `nn.scan` (it copies every layer's weights out of the stack
-# at every decoded token on CPU, where XLA cannot read a slice in place).
-DECODE_LAYERS = ("unstacked", "scan")
 # Key of the per-layer params `with_decode_layers` adds next to the stacked `layers` (and of the per-layer cache).
 DECODE_LAYERS_KEY = "decode_layers"
-
-
-@dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-  """Sizes of the decoder; the keys of `configs/common.py::_llm`."""
-  vocab_size: int
-  hidden_size: int
-  num_layers: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  mlp_dim: int
-  rope_theta: float = 10000.0
-  rms_norm_eps: float = 1e-5
-  tie_embeddings: bool = False
-  max_seq_len: int = 2048
-  scan_layers: bool = True
-  remat_policy: str = "nothing_saveable"
-  attention_impl: str = "xla"
-  decode_layers: str = "unstacked"
-
-  def __post_init__(self):
-    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
-                 "max_seq_len"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
-    if self.num_kv_heads > self.num_heads or self.num_heads % self.num_kv_heads:
-      raise ValueError(f"LlamaConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
-                       f"({self.num_kv_heads}) for grouped-query attention")
-    if self.head_dim % 2:
-      raise ValueError(f"LlamaConfig.head_dim must be even for rotary embeddings, got {self.head_dim}")
-    if not self.rope_theta > 0:
-      raise ValueError(f"LlamaConfig.rope_theta must be > 0, got {self.rope_theta!r}")
-    if not self.rms_norm_eps > 0:
-      raise ValueError(f"LlamaConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
-    if self.attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(f"LlamaConfig.attention_impl {self.attention_impl!r} is unknown; expected one of "
-                       f"{ATTENTION_IMPLS}")
-    if self.decode_layers not in DECODE_LAYERS:
-      raise ValueError(f"LlamaConfig.decode_layers {self.decode_layers!r} is unknown; expected one of "
-                       f"{DECODE_LAYERS}")
-    if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"LlamaConfig.remat_policy {self.remat_policy!r} is unknown; expected one of "
-                       f"{sorted(REMAT_POLICIES)}")
-
-  @property
-  def num_query_groups(self) -> int:
-    """Query heads per KV head."""
-    return self.num_heads // self.num_kv_heads
-
-
-def default_positions(attention_mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
-  """Rotary positions = real tokens before each slot (+ `offset` real tokens already cached). [B, L] int32."""
-  counts = jnp.cumsum(attention_mask.astype(jnp.int32), axis=1)  # [B, L]
-  return jnp.maximum(counts - 1, 0) + jnp.asarray(offset, jnp.int32).reshape(-1, 1)
-
-
-def apply_rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding in the HF LLaMA layout (the two halves of `head_dim` form the rotated pairs).
-
-  x: [B, L, N, Dh]; positions: [B, L]. Angles are computed in float32.
-  """
-  head_dim = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [Dh/2]
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, Dh/2]
-  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, L, 1, Dh]
-  first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  rotated_half = jnp.concatenate([-second, first], axis=-1)
-  out = x.astype(jnp.float32) * jnp.cos(angles) + rotated_half * jnp.sin(angles)
-  return out.astype(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -138,115 +52,6 @@ class RMSNorm(nn.Module):
 
 def _kernel_init(names: tuple[str, ...]) -> Callable:
   return logical_init(nn.initializers.lecun_normal(), names)
-
-
-class Projection(nn.Module):
-  """A bias-free multi-axis linear map `einsum(equation, x, kernel)` with a `kernel` of `shape`.
-
-  Written out (instead of `nn.DenseGeneral`) so the kernel is created in its final shape: DenseGeneral initialises
-  a flattened kernel, whose logical names then do not match its rank under a mesh.
-  """
-  equation: str
-  shape: tuple[int, ...]
-  names: tuple[str, ...]
-  fan_in_axes: tuple[int, ...]
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    fan_out_axes = tuple(a for a in range(len(self.shape)) if a not in self.fan_in_axes)
-    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=self.fan_in_axes,
-                                            out_axis=fan_out_axes)
-    kernel = self.param("kernel", logical_init(init, self.names), self.shape, self.param_dtype)
-    return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
-
-
-def attend(query: jax.Array, key: jax.Array, value: jax.Array, allowed: jax.Array, impl: str,
-           dtype: Dtype) -> jax.Array:
-  """Masked grouped-query attention: query [B, L, H, Dh], key/value [B, S, KVH, Dh], allowed [B, L, S] → [B, L, H, Dh].
-
-  A fully masked row (a query on leading padding) attends uniformly to every key instead of producing NaN, in every
-  implementation (finite fill before the softmax).
-  """
-  kv_heads, head_dim = key.shape[2], key.shape[3]
-  if impl == "einsum":
-    grouped = rearrange(query, "b l (k g) d -> b l k g d", k=kv_heads)
-    scores = jnp.einsum("blkgd,bskd->bkgls", grouped, key, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(head_dim)
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # [B, KVH, G, L, S]
-    attended = jnp.einsum("bkgls,bskd->blkgd", probs, value.astype(dtype))
-    return rearrange(attended, "b l k g d -> b l (k g) d")
-  return jax.nn.dot_product_attention(query.astype(dtype), key.astype(dtype), value.astype(dtype),
-                                      mask=allowed[:, None], implementation=impl)  # mask [B, 1, L, S]
-
-
-class Attention(nn.Module):
-  """Grouped-query self-attention with rotary positions and an optional KV cache (collection 'cache')."""
-  config: LlamaConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  def _project(self, equation: str, shape: tuple[int, ...], names: tuple[str, ...], fan_in_axes: tuple[int, ...],
-               name: str) -> "Projection":
-    return Projection(equation, shape, names, fan_in_axes, dtype=self.dtype, param_dtype=self.param_dtype,
-                      name=name)
-
-  def _update_cache(self, key: jax.Array, value: jax.Array, attention_mask: jax.Array):
-    """Writes this call's keys/values/mask at the next free slots; returns the whole cache and the first slot."""
-    cfg = self.config
-    batch, length = attention_mask.shape
-    initialized = self.has_variable("cache", "cached_key")
-    cache_shape = (batch, cfg.max_seq_len, cfg.num_kv_heads, cfg.head_dim)
-    cached_key = self.variable("cache", "cached_key", jnp.zeros, cache_shape, key.dtype)
-    cached_value = self.variable("cache", "cached_value", jnp.zeros, cache_shape, value.dtype)
-    cached_mask = self.variable("cache", "cache_mask", jnp.zeros, (batch, cfg.max_seq_len), jnp.bool_)
-    cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-    if not initialized:
-      # `init` only creates the (empty) cache; attention then runs over this call's tokens alone.
-      return key, value, attention_mask, jnp.zeros((), jnp.int32)
-    start = cache_index.value
-    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
-                                                    (0, start, 0, 0))
-    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype),
-                                                      (0, start, 0, 0))
-    cached_mask.value = jax.lax.dynamic_update_slice(cached_mask.value, attention_mask, (0, start))
-    cache_index.value = start + length
-    return cached_key.value, cached_value.value, cached_mask.value, start
-
-  @nn.compact
-  def __call__(self, hidden: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-               decode: bool = False) -> jax.Array:
-    cfg = self.config
-    heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    embed, in_heads = cfg.hidden_size, "bld,dnk->blnk"
-    query = self._project(in_heads, (embed, heads, head_dim), ("embed", "heads", "head_dim"), (0,),
-                          "q_proj")(hidden)  # [B, L, H, Dh]
-    key = self._project(in_heads, (embed, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), (0,),
-                        "k_proj")(hidden)  # [B, L, KVH, Dh]
-    value = self._project(in_heads, (embed, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), (0,),
-                          "v_proj")(hidden)
-    query = with_logical_constraint(query, ("activation_batch", "activation_length", "activation_heads", None))
-    key = with_logical_constraint(key, ("activation_batch", "activation_length", "activation_kv_heads", None))
-    value = with_logical_constraint(value, ("activation_batch", "activation_length", "activation_kv_heads", None))
-    query = apply_rotary(query, positions, cfg.rope_theta)
-    key = apply_rotary(key, positions, cfg.rope_theta)
-
-    length = hidden.shape[1]
-    if decode:
-      key, value, key_mask, start = self._update_cache(key, value, attention_mask)  # keys [B, S, KVH, Dh]
-    else:
-      key_mask, start = attention_mask, jnp.zeros((), jnp.int32)
-    query_slots = start + jnp.arange(length)  # [L]
-    key_slots = jnp.arange(key.shape[1])  # [S]
-    allowed = (key_slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]  # [B, L, S]
-
-    attended = attend(query, key, value, allowed, cfg.attention_impl, self.dtype)  # [B, L, H, Dh]
-    attended = with_logical_constraint(attended, ("activation_batch", "activation_length", "activation_heads", None))
-    return self._project("blnk,nkd->bld", (heads, head_dim, embed), ("heads", "head_dim", "embed"), (0, 1),
-                         "o_proj")(attended)
-
 
 class Mlp(nn.Module):
   """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""

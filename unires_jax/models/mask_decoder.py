@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
+from unires_jax.models.layers import logical_dense, logical_layer_norm
 from unires_jax.sharding import with_logical_constraint, logical_init
 
 # LayerNorm epsilons SAM fixes in code rather than in its config: the final token→image attention's norm uses
@@ -61,20 +62,6 @@ class MaskDecoderConfig:
   @property
   def num_mask_tokens(self) -> int:
     return self.num_multimask_outputs + 1
-
-
-def _dense(features: int, names: tuple[str | None, str | None], name: str, dtype: Any,
-           param_dtype: Any) -> nn.Dense:
-  """A Dense whose kernel is [in, out] with logical `names` and whose bias carries the output name."""
-  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
-                  kernel_init=logical_init(nn.initializers.lecun_normal(), names),
-                  bias_init=logical_init(nn.initializers.zeros_init(), (names[1],)))
-
-
-def _layer_norm(eps: float, name: str, dtype: Any, param_dtype: Any) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
-                      scale_init=logical_init(nn.initializers.ones_init(), ("norm",)),
-                      bias_init=logical_init(nn.initializers.zeros_init(), ("norm",)))
 
 
 def _embed(num: int, dim: int, name: str, param_dtype: Any) -> nn.Embed:
@@ -154,7 +141,7 @@ class Attention(nn.Module):
   def __call__(self, query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
     cfg = self.config
     inner = cfg.transformer_dim // self.downsample_rate
-    dense = lambda n, names, name: _dense(n, names, name, self.dtype, self.param_dtype)
+    dense = lambda n, names, name: logical_dense(n, names, name, self.dtype, self.param_dtype)
     q = dense(inner, ("embed", "heads"), "q_proj")(query)  # [B, Tq, inner]
     k = dense(inner, ("embed", "heads"), "k_proj")(key)  # [B, Tk, inner]
     v = dense(inner, ("embed", "heads"), "v_proj")(value)  # [B, Tk, inner]
@@ -173,8 +160,8 @@ class MLPBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
-    hidden = nn.relu(_dense(cfg.mlp_dim, ("embed", "mlp"), "lin1", self.dtype, self.param_dtype)(x))
-    return _dense(cfg.transformer_dim, ("mlp", "embed"), "lin2", self.dtype, self.param_dtype)(hidden)
+    hidden = nn.relu(logical_dense(cfg.mlp_dim, ("embed", "mlp"), "lin1", self.dtype, self.param_dtype)(x))
+    return logical_dense(cfg.transformer_dim, ("mlp", "embed"), "lin2", self.dtype, self.param_dtype)(hidden)
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -188,7 +175,7 @@ class TwoWayAttentionBlock(nn.Module):
   def __call__(self, queries, keys, query_pe, key_pe):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = lambda name: _layer_norm(cfg.layer_norm_eps, name, **kw)
+    norm = lambda name: logical_layer_norm(name, cfg.layer_norm_eps, **kw)
     rate = cfg.attention_downsample_rate
 
     if self.skip_first_layer_pe:
@@ -226,7 +213,7 @@ class TwoWayTransformer(nn.Module):
           queries, keys, point_embeddings, image_pe)
     attn = Attention(cfg, cfg.attention_downsample_rate, name="final_attn_token_to_image", **kw)(
         queries + point_embeddings, keys + image_pe, keys)
-    queries = _layer_norm(FINAL_ATTN_NORM_EPS, "layer_norm_final_attn", **kw)(queries + attn)
+    queries = logical_layer_norm("layer_norm_final_attn", FINAL_ATTN_NORM_EPS, **kw)(queries + attn)
     return queries, keys
 
 
@@ -247,11 +234,11 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = nn.relu(_dense(self.hidden_dim, ("embed", "mlp"), "proj_in", **kw)(x))
+    x = nn.relu(logical_dense(self.hidden_dim, ("embed", "mlp"), "proj_in", **kw)(x))
     for j in range(self.num_layers - 2):
       # The hidden width plays the embed role on input so each kernel carries two different logical names.
-      x = nn.relu(_dense(self.hidden_dim, ("embed", "mlp"), f"layers_{j}", **kw)(x))
-    return _dense(self.output_dim, ("mlp", self.output_name), "proj_out", **kw)(x)
+      x = nn.relu(logical_dense(self.hidden_dim, ("embed", "mlp"), f"layers_{j}", **kw)(x))
+    return logical_dense(self.output_dim, ("mlp", self.output_name), "proj_out", **kw)(x)
 
 
 class PatchConvTranspose(nn.Module):
@@ -329,7 +316,7 @@ class MaskDecoder(nn.Module):
 
     grid = rearrange(keys, "b (h w) c -> b h w c", h=height, w=width)
     upscaled = PatchConvTranspose(channels // 4, name="upscale_conv1", **kw)(grid)  # [B, 2h, 2w, C/4]
-    upscaled = nn.gelu(_layer_norm(UPSCALE_NORM_EPS, "upscale_layer_norm", **kw)(upscaled), approximate=False)
+    upscaled = nn.gelu(logical_layer_norm("upscale_layer_norm", UPSCALE_NORM_EPS, **kw)(upscaled), approximate=False)
     upscaled = nn.gelu(PatchConvTranspose(channels // 8, name="upscale_conv2", **kw)(upscaled),
                        approximate=False)  # [B, 4h, 4w, C/8]
 

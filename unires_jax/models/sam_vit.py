@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unires_jax.models.layers import fan_in_uniform
+from unires_jax.models.layers import fan_in_uniform, logical_conv, logical_dense, logical_layer_norm
+from unires_jax.models.vit_sizes import VitSizes
 from unires_jax.sharding import logical_init, with_logical_constraint
 
 Dtype = Any
@@ -25,14 +26,8 @@ HIDDEN = ("activation_batch", None, None, "activation_embed")  # [B, h, w, D]
 
 
 @dataclasses.dataclass(frozen=True)
-class SamVitConfig:
-  """The `model.sam_vit` section: `SamVitConfig(**cfg.model.sam_vit.to_dict())`."""
-  image_size: int
-  patch_size: int
-  width: int
-  depth: int
-  num_heads: int
-  mlp_dim: int
+class SamVitConfig(VitSizes):
+  """The `model.sam_vit` section: `SamVitConfig(**cfg.model.sam_vit.to_dict())`; the sizes come first (`VitSizes`)."""
   window_size: int
   global_attn_indexes: tuple[int, ...]
   out_channels: int
@@ -40,26 +35,13 @@ class SamVitConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "global_attn_indexes", tuple(int(i) for i in self.global_attn_indexes))
-    if self.width % self.num_heads:
-      raise ValueError(f"SamVitConfig: width {self.width} is not divisible by num_heads {self.num_heads}")
-    if self.image_size % self.patch_size:
-      raise ValueError(f"SamVitConfig: image_size {self.image_size} is not divisible by patch_size "
-                       f"{self.patch_size}")
+    self.check_vit_sizes()
     if self.window_size < 1:
       raise ValueError(f"SamVitConfig: window_size must be >= 1, got {self.window_size}")
     bad = [i for i in self.global_attn_indexes if not 0 <= i < self.depth]
     if bad:
       raise ValueError(f"SamVitConfig: global_attn_indexes {bad} are not block indexes of a depth-{self.depth} "
                        f"encoder")
-
-  @property
-  def head_dim(self) -> int:
-    return self.width // self.num_heads
-
-  @property
-  def grid_size(self) -> int:
-    """Patches per side: the absolute position grid and the size of global attention."""
-    return self.image_size // self.patch_size
 
   def block_window(self, index: int) -> int:
     """The attention window of block `index`; 0 means global attention over the whole grid."""
@@ -141,12 +123,6 @@ def decomposed_rel_pos(query: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Ar
 
 
 # --- modules ---------------------------------------------------------------------------------------------------------
-def _layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
-                      scale_init=logical_init(nn.initializers.ones, ("norm",)),
-                      bias_init=logical_init(nn.initializers.zeros, ("norm",)))
-
-
 class SamVitAttention(nn.Module):
   """Self-attention inside each window, with a fused q/k/v projection and decomposed relative positions.
 
@@ -202,14 +178,10 @@ class SamVitMlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, h, w, D]
     cfg = self.config
-    x = nn.Dense(cfg.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="lin1",
-                 kernel_init=logical_init(nn.initializers.lecun_normal(), ("embed", "mlp")),
-                 bias_init=logical_init(nn.initializers.zeros, ("mlp",)))(x)
+    x = logical_dense(cfg.mlp_dim, ("embed", "mlp"), "lin1", self.dtype, self.param_dtype)(x)
     x = with_logical_constraint(jax.nn.gelu(x, approximate=False),
                                 ("activation_batch", None, None, "activation_mlp"))
-    return nn.Dense(cfg.width, dtype=self.dtype, param_dtype=self.param_dtype, name="lin2",
-                    kernel_init=logical_init(nn.initializers.lecun_normal(), ("mlp", "embed")),
-                    bias_init=logical_init(nn.initializers.zeros, ("embed",)))(x)
+    return logical_dense(cfg.width, ("mlp", "embed"), "lin2", self.dtype, self.param_dtype)(x)
 
 
 class SamVitBlock(nn.Module):
@@ -222,7 +194,7 @@ class SamVitBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
-    normed = _layer_norm(cfg.layer_norm_eps, self.dtype, self.param_dtype, "layer_norm1")(x)
+    normed = logical_layer_norm("layer_norm1", cfg.layer_norm_eps, self.dtype, self.param_dtype)(x)
     size = normed.shape[1:3]
     if self.window > 0:
       windows, padded_size = window_partition(normed, self.window)  # [B, N, ws, ws, D]
@@ -232,7 +204,7 @@ class SamVitBlock(nn.Module):
     attended = SamVitAttention(cfg, table_size, self.dtype, self.param_dtype, name="attn")(windows)
     attended = window_unpartition(attended, padded_size, size) if self.window > 0 else attended[:, 0]
     x = x + attended
-    normed = _layer_norm(cfg.layer_norm_eps, self.dtype, self.param_dtype, "layer_norm2")(x)
+    normed = logical_layer_norm("layer_norm2", cfg.layer_norm_eps, self.dtype, self.param_dtype)(x)
     x = x + SamVitMlp(cfg, self.dtype, self.param_dtype, name="mlp")(normed)
     return with_logical_constraint(x, HIDDEN)
 
@@ -246,14 +218,11 @@ class SamVitNeck(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
-    conv = lambda size, name: nn.Conv(
-        cfg.out_channels, (size, size), padding="SAME", use_bias=False, dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name,
-        kernel_init=logical_init(nn.initializers.lecun_normal(), ("conv_spatial", None, "embed", "mlp")))
+    conv = lambda size, name: logical_conv(cfg.out_channels, size, name, self.dtype, self.param_dtype)
     x = conv(1, "conv1")(x)
-    x = _layer_norm(1e-6, self.dtype, self.param_dtype, "layer_norm1")(x)
+    x = logical_layer_norm("layer_norm1", 1e-6, self.dtype, self.param_dtype)(x)
     x = conv(3, "conv2")(x)
-    return _layer_norm(1e-6, self.dtype, self.param_dtype, "layer_norm2")(x)
+    return logical_layer_norm("layer_norm2", 1e-6, self.dtype, self.param_dtype)(x)
 
 
 class SamVisionEncoder(nn.Module):
