@@ -9,6 +9,8 @@ import logging
 import jax
 import ml_collections
 
+from unires_jax import proposals as proposals_lib
+from unires_jax.data import pipeline
 from unires_jax.eval import box_source
 from unires_jax.eval import loop as eval_loop
 from unires_jax.train import loop, run_lock
@@ -31,6 +33,20 @@ def _check_evals(config: ml_collections.ConfigDict) -> None:
 evaluate.check = _check_evals
 
 
+def _synthetic_proposals(syn: ml_collections.ConfigDict) -> dict:
+  """`prepare_synthetic`'s proposal options from `config.synthetic.proposals` (a `proposals` section; absent: the
+  records carry no proposals)."""
+  section = syn.get("proposals", None)
+  if section is None:
+    return {}
+  source = proposals_lib.build_source(section)
+  if source.is_ground_truth:
+    raise ValueError(f"config.synthetic.proposals: {source.describe()} reads annotations; the records' proposals "
+                     f"must come from a source that does not (training on annotations is data.box_source)")
+  return dict(attach=lambda records: proposals_lib.attach(records, source, pipeline.decode_image),
+              proposal_source=source.describe())
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with run_lock.hold(workdir):  # before the toy data is written into the workdir
     return _run(config, workdir)
@@ -43,7 +59,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     syn = config.synthetic
     if jax.process_index() == 0:
       toy.prepare_synthetic(syn.root, syn.prepared_dir, syn.layouts, syn.splits, syn.num_images, syn.seed,
-                            syn.image_size)
+                            syn.image_size, **_synthetic_proposals(syn))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("toy_data_prepared")
