@@ -3,7 +3,8 @@
     python scripts/import_pretrained.py --config configs/lisa.py:7b --out /ckpt/lisa7b \
         --lisa /hf/LISA-7B-v1 --vision-tower /hf/clip-vit-large-patch14
 
-`arg`: `7b` (LISA-7B-v1, the default), `13b` (LISA-13B-llama2-v1) or `tiny` (tests). What differs from UniRES++
+`arg`: `7b` (LISA-7B-v1, the default), `13b` (LISA-13B-llama2-v1), `1b` (a 1B-class LISA layout for the import
+benchmark, `scripts/benchmark_lisa.py`: LLaMA-1-style 2048 × 20 layers, CLIP ViT-B/14 and SAM ViT-B) or `tiny` (tests). What differs from UniRES++
 (`configs/common.py`): CLIP ViT-L/14 at 224 px with features from the second-to-last layer and a single-Linear
 projector; no object or part slots and no granularity embedding; the SAM ViT-H dense source (SAM's own
 normalisation, `UniRES.encode_vision`); the `[SEG]` prompt as the only sparse prompt (`dynamic_query` off);
@@ -20,7 +21,7 @@ import ml_collections
 
 from configs import common, data_common
 
-SIZES = ("tiny", "7b", "13b")
+SIZES = ("tiny", "1b", "7b", "13b")
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
                    "helpful, detailed, and polite answers to the human's questions.")
 # LISA's referring-segmentation question and answers (its utils/utils.py); eval uses the first question.
@@ -40,6 +41,13 @@ def lisa_model_config(size: str = "7b") -> ml_collections.ConfigDict:
     sam_vit = dict(image_size=64, patch_size=16, width=32, depth=2, num_heads=2, mlp_dim=64, window_size=2,
                    global_attn_indexes=[1], out_channels=32)
     mask_decoder = common._mask_decoder(dim=32, depth=2, num_heads=4, mlp_dim=64)
+  elif size == "1b":  # configs/common.py's 1b LLM width and depth, multi-head as LLaMA-1, + LISA's 4 added tokens
+    vit = common._vit(image_size=224, patch_size=14, width=768, depth=12, num_heads=12, mlp_dim=3072)
+    llm = common._llm(vocab_size=32004, hidden_size=2048, num_layers=20, num_heads=16, num_kv_heads=16,
+                      mlp_dim=5632, max_seq_len=1024)
+    sam_vit = dict(image_size=1024, patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072, window_size=14,
+                   global_attn_indexes=[2, 5, 8, 11], out_channels=256)  # segment-anything's ViT-B
+    mask_decoder = common._mask_decoder(dim=256, depth=2, num_heads=8, mlp_dim=2048)
   elif size in ("7b", "13b"):
     vit = common._vit(image_size=224, patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096)
     if size == "7b":  # LLaMA-1 7B (Vicuna v1.1) + <im_patch> <im_start> <im_end> [SEG]

@@ -125,26 +125,32 @@ def convert_to_pytorch(params: dict, config: ml_collections.ConfigDict, out_dir:
              "vision_tower": shards.ShardWriter(os.path.join(out_dir, "vision_tower"), "model", dtype,
                                                 max_shard_bytes),
              "heads": shards.ShardWriter(out_dir, HEADS_PREFIX, dtype, max_shard_bytes)}
-  claimed, counts = set(), {name: 0 for name in writers}
-  for part in unires_parts(cfg):
-    target, strip = FOLDERS.get(part.name, ("heads", ""))
-    for entry in part.entries:
-      if entry.jax_path not in flat:
-        raise KeyError(f"export: parameter {entry.jax_path!r} is missing from the checkpoint's params")
-      claimed.add(entry.jax_path)
-      for name, tensor in _entry_tensors(entry, np.asarray(flat[entry.jax_path])):
-        stripped = name[len(strip):] if target != "heads" else name
-        if target == "vision_tower":
-          stripped = "vision_model." + stripped  # CLIPVisionModel's on-disk names
-        writers[target].add(stripped, tensor)
-        counts[target] += 1
-        if target == "llm" and cfg.llm.tie_embeddings and stripped == "model.embed_tokens.weight":
-          writers[target].add("lm_head.weight", tensor)
-          counts[target] += 1
+  parts = unires_parts(cfg)
+  claimed = {entry.jax_path for part in parts for entry in part.entries}
+  missing = [path for path in sorted(claimed) if path not in flat]
+  if missing:
+    raise KeyError(f"export: parameter {missing[0]!r} is missing from the checkpoint's params")
   unclaimed = sorted(set(flat) - claimed)
   if unclaimed:
     raise KeyError(f"export: parameter {unclaimed[0]!r} has no table entry ({len(unclaimed)} unclaimed)")
-  files = {name: writer.close() for name, writer in writers.items()}
+  counts, files = {name: 0 for name in writers}, {}
+  # One folder at a time, closed before the next starts: at most one partial shard is held in memory.
+  for target, writer in writers.items():
+    for part in parts:
+      part_target, strip = FOLDERS.get(part.name, ("heads", ""))
+      if part_target != target:
+        continue
+      for entry in part.entries:
+        for name, tensor in _entry_tensors(entry, np.asarray(flat[entry.jax_path])):
+          stripped = name[len(strip):] if target != "heads" else name
+          if target == "vision_tower":
+            stripped = "vision_model." + stripped  # CLIPVisionModel's on-disk names
+          writer.add(stripped, tensor)
+          counts[target] += 1
+          if target == "llm" and cfg.llm.tie_embeddings and stripped == "model.embed_tokens.weight":
+            writer.add("lm_head.weight", tensor)
+            counts[target] += 1
+    files[target] = writer.close()
   hf_configs = {"llm": dict(llama_config_to_hf(cfg.llm), model_type="llama", architectures=["LlamaForCausalLM"]),
                 "vision_tower": dict(clip_vit_config_to_hf(cfg.vit), model_type="clip_vision_model",
                                      architectures=["CLIPVisionModel"])}

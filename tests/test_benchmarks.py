@@ -1,13 +1,15 @@
-"""The model and training benchmarks run end to end on the tiny config and write positive, consistent figures."""
+"""The model, training and LISA import/export benchmarks run end to end on tiny configs and write positive,
+consistent figures."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
-from scripts import benchmark_model, benchmark_train
+from scripts import benchmark_lisa, benchmark_model, benchmark_train
 
 
 def _positive(value) -> bool:
@@ -75,3 +77,35 @@ def test_benchmark_train_recipe_trains_lora_only_and_reports_tokens(tmp_path):
   assert tiny["tokens_per_s"] == pytest.approx(tiny["batch_size"] * tiny["seq_len"] / tiny["step_s"])
   assert "peak_device_memory_bytes" in tiny  # None on CPU, bytes where the backend keeps memory stats
   assert math.isfinite(tiny["final_loss"])
+
+
+@pytest.mark.slow
+def test_benchmark_lisa_tiny(tmp_path):
+  """A LISA-layout folder, its import and two sharded exports, each in its own process (≈1 min on 2 cores)."""
+  pytest.importorskip("torch")
+  if not os.path.exists(benchmark_lisa.TIME):
+    pytest.skip(f"needs {benchmark_lisa.TIME} (GNU time)")
+  out = tmp_path / "lisa.json"
+  benchmark_lisa.main(["--size", "tiny", "--max-shard-size", "50KB", "--workdir", str(tmp_path / "work"),
+                       "--out", str(out)])
+  report = json.loads(out.read_text())
+  assert report["config"] == "configs/lisa.py:tiny" and report["num_params"] > 0
+  assert report["model_bytes"] == 4 * report["num_params"]  # float32 params
+  written = report["lisa_checkpoint"]
+  assert "pytorch_model.bin.index.json" in written["files"] and written["num_tensors"] > 0
+  index = json.loads((tmp_path / "work" / "LISA-tiny" / "pytorch_model.bin.index.json").read_text())
+  assert sorted(set(index["weight_map"].values())) == [f for f in written["files"] if f.endswith(".bin")]
+  for step in (report["overhead"], report["import"]):
+    assert _positive(step["seconds"]) and _positive(step["peak_rss_bytes"])
+  assert report["import"]["num_imported_tensors"] > 0
+  assert [e["dtype"] for e in report["exports"]] == ["float32", "bfloat16"]
+  for export in report["exports"]:
+    assert _positive(export["seconds"]) and _positive(export["peak_rss_bytes"])
+    assert export["ratio_to_model_bytes"] == pytest.approx(export["peak_rss_bytes"] / report["model_bytes"])
+    assert export["bound_bytes"] == (report["model_bytes"] + export["max_shard_bytes"]
+                                     + report["overhead"]["peak_rss_bytes"])
+    # 50 KB shards: the LLM export is sharded, and its index names every shard the folder holds.
+    llm = tmp_path / "work" / f"export_tiny_{export['dtype']}" / "llm"
+    assert export["llm_index"] == "model.safetensors.index.json" and len(export["llm_shards"]) > 1
+    named = set(json.loads((llm / export["llm_index"]).read_text())["weight_map"].values())
+    assert named == set(export["llm_shards"]) == {p.name for p in llm.glob("*.safetensors")}

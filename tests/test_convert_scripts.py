@@ -1,4 +1,5 @@
-"""convert_to_pytorch.py on an Orbax training run: LoRA merged (or kept), tokenizer copied, config written."""
+"""convert_to_pytorch.py on an Orbax training run: LoRA merged (or kept), tokenizer copied, config written, one
+partial shard in memory at a time."""
 
 from __future__ import annotations
 
@@ -108,3 +109,27 @@ def test_older_step_and_missing_checkpoint(run, tmp_path):
     checkpoints.load_params(str(workdir), step=30)
   with pytest.raises(FileNotFoundError, match="neither a run workdir"):
     checkpoints.load_params(str(tmp_path))
+
+
+def test_export_holds_one_partial_shard_at_a_time(tmp_path, monkeypatch):
+  """The folders are written one after the other: no tensor is buffered while another folder's shard is open."""
+  from unires_jax.convert import shards
+
+  config = tiny.get_config()
+  params = _random_params(UniRESConfig.from_config(config.model))
+  open_buffers, most = set(), [0]
+  add, close = shards.ShardWriter.add, shards.ShardWriter.close
+
+  def tracked_add(self, name, array):
+    add(self, name, array)
+    open_buffers.add(id(self))
+    most[0] = max(most[0], len(open_buffers))
+
+  def tracked_close(self):
+    open_buffers.discard(id(self))
+    return close(self)
+
+  monkeypatch.setattr(shards.ShardWriter, "add", tracked_add)
+  monkeypatch.setattr(shards.ShardWriter, "close", tracked_close)
+  summary = convert_to_pytorch.convert_to_pytorch(params, config, str(tmp_path / "out"), max_shard_bytes=20_000)
+  assert most[0] == 1 and summary["num_llm_tensors"] > 0 and summary["num_head_tensors"] > 0
