@@ -45,7 +45,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # more than 4/7 of the probability), which the tiny model's calibration cannot afford.
   c.data.answer_templates = ["Sure, it is [SEG]."]
   c.data.no_target_answer_templates = ["Sorry, there is no such target in this image."]
-  c.data.answer_decision_weight = 4.0
+  # The first answer token alone says target or no target, and it is the only answer token that needs the image:
+  # it weighs 16 ordinary answer tokens.
+  c.data.answer_decision_weight = 16.0
 
   c.train = common.train_config(total_steps=6 if quick else 3600, log_every=2 if quick else 100,
                                 checkpoint_every=3 if quick else 600)

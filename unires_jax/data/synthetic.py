@@ -34,7 +34,7 @@ BACKGROUND = (200, 200, 200)
 CRIS_NAME = "synthetic_m"
 GROUP_REF_ID_START = 1_000_000  # multi-object and no-target refs; object/part refs use their ann_id as ref_id
 MARKER = "synthetic_done.json"
-NO_TARGET_REFS_PER_IMAGE = 2  # a near miss and one other absent colour and category
+NO_TARGET_REFS_PER_IMAGE = 3  # a near miss and two other absent colour-category pairs
 
 
 def _rect(x0, y0, x1, y1) -> list[float]:
@@ -143,14 +143,14 @@ def describe_scene(objects: list[dict], rng: random.Random) -> list[dict]:
     members = [(i, None) for i, o in enumerate(objects) if o["category"] == category]
     if len(members) >= 2 and len({objects[i]["colour"] for i, _ in members}) > 1:
       refs.append({"kind": "multi-object", "targets": members, "sentences": [f"all {category}s"]})
-  # No target: a near miss first (a category in the scene in a colour it does not have there), then any other
-  # absent colour and category, so that "the <colour> <category>" must be checked against the image.
+  # No target: a near miss first (a category in the scene in a colour it does not have there), then other absent
+  # colours and categories, so that "the <colour> <category>" must be checked against the image.
   absent = [(c, k) for c in COLOURS for k in CATEGORIES if (c, k) not in counts]
   present_categories = {k for _, k in counts}
   near_misses = [pair for pair in absent if pair[1] in present_categories]
   chosen = [rng.choice(near_misses)]
-  chosen.append(rng.choice([pair for pair in absent if pair != chosen[0]]))
-  for colour, category in chosen[:NO_TARGET_REFS_PER_IMAGE]:
+  chosen += rng.sample([pair for pair in absent if pair != chosen[0]], NO_TARGET_REFS_PER_IMAGE - 1)
+  for colour, category in chosen:
     refs.append({"kind": "no-target", "targets": [], "sentences": [f"the {colour} {category}"]})
   return refs
 
