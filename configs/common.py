@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from unires_jax import sharding
+from unires_jax.models import losses
 
 MODEL_SIZES = ("tiny", "small", "1b", "7b")
 
@@ -116,7 +117,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       trainable=(".*",),  # regexes on parameter paths; tuples so the command line can override them
       frozen=(),
       freeze_inert=True,  # also freeze parameters that cannot affect the loss (UniRESConfig.inert_parameter_patterns)
-      loss_weights=dict(ce=1.0, bce=2.0, dice=0.5),
+      loss_weights=dict(losses.DEFAULT_WEIGHTS),  # LISA's ce 1, bce 2, dice 0.5 (models/losses.py)
       lora=dict(enabled=False, rank=8, alpha=16.0, stacked_prefixes=["llm/layers/"], targets=LORA_TARGETS),
       peak_flops_per_device=0.0,  # 0: measured with a matmul at start-up
       init_from="",  # a checkpoint (scripts/import_pretrained.py output or a run) to start from

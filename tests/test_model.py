@@ -189,3 +189,14 @@ def test_clip_to_sam_normalisation_matches_the_direct_formula():
   expected = (resized - np.asarray(SAM_PIXEL_MEAN)) / np.asarray(SAM_PIXEL_STD)
   np.testing.assert_allclose(sam[:12], expected[:12], atol=1e-4)
   assert np.all(sam[12:] == 0)
+
+
+def test_input_batch_axes_come_from_the_rules_table():
+  assert sharding.BATCH_AXES == sharding.batch_axes(sharding.DEFAULT_RULES) == ("data", "fsdp")
+  sharding.check_batch_rule(sharding.DEFAULT_RULES)
+  moved = tuple((name, "data" if name == "activation_batch" else target) for name, target in sharding.DEFAULT_RULES)
+  assert sharding.batch_axes(moved) == ("data",)
+  with pytest.raises(ValueError, match="activation_batch -> \\('data',\\), but input batches are split over"):
+    sharding.check_batch_rule(moved)
+  with pytest.raises(ValueError, match="no 'activation_batch' entry"):
+    sharding.batch_axes([("embed", "fsdp")])

@@ -17,8 +17,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
-# The axes a batch dimension is split over.
-BATCH_AXES = ("data", "fsdp")
 
 # Default rules: batch over data×fsdp, weights' embed dim over fsdp (ZeRO-3 style), Megatron-style tensor
 # parallelism over heads / mlp / vocab.
@@ -42,6 +40,26 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 log = logging.getLogger(__name__)
+
+
+def batch_axes(rules: Sequence[tuple[str, Any]]) -> tuple[str, ...]:
+  """The mesh axes a batch dimension is split over: the rules' `activation_batch` entry."""
+  found = [target for name, target in rules if name == "activation_batch"]
+  if not found:
+    raise ValueError("sharding rules: no 'activation_batch' entry (the mesh axes the batch is split over)")
+  target = found[0]
+  return () if target is None else tuple(target) if isinstance(target, (tuple, list)) else (target,)
+
+
+# The axes input batches are split over (`to_global_batch`, `batch_shardings`): the default rules' entry.
+BATCH_AXES = batch_axes(DEFAULT_RULES)
+
+
+def check_batch_rule(rules: Sequence[tuple[str, Any]]) -> None:
+  """Input batches are placed over `BATCH_AXES`; a config whose `activation_batch` rule differs is refused."""
+  if batch_axes(rules) != BATCH_AXES:
+    raise ValueError(f"sharding_rules: activation_batch -> {batch_axes(rules)}, but input batches are split over "
+                     f"{BATCH_AXES} (the default rules' entry); keep activation_batch at {BATCH_AXES}")
 
 
 def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:

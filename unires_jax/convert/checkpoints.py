@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from unires_jax.convert import mapping
+from unires_jax.convert.common import tensor_to_numpy
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -118,11 +119,6 @@ def checkpoint_files(path: str) -> list[str]:
   raise FileNotFoundError(f"checkpoint folder {path!r} holds no *.safetensors, *.bin, *.pt or *.pth file")
 
 
-def _to_numpy(tensor) -> np.ndarray:
-  from unires_jax.convert.clip_vit import tensor_to_numpy
-  return tensor_to_numpy(tensor)
-
-
 class NamedTensors(Mapping):
   """A Mapping name → numpy array whose names are the keys of `self._where` (name → the file that holds it);
   subclasses fill `_where` and read a tensor in `__getitem__`."""
@@ -169,7 +165,7 @@ class TensorReader(NamedTensors):
     file = self._where[name]
     handle = self._open(file)
     value = handle.get_tensor(name) if file.endswith(".safetensors") else handle[name]
-    return _to_numpy(value)
+    return tensor_to_numpy(value)
 
 
 def _torch_load(file: str) -> Mapping:

@@ -12,10 +12,10 @@ from typing import Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from unires_jax.convert import mapping
+from unires_jax.convert.common import tensor_to_numpy
 from unires_jax.convert.hf_configs import clip_vit_config_to_hf  # noqa: F401  (re-exported)
 from unires_jax.models.clip_vit import ClipVisionTransformer, ClipVitConfig
 
@@ -109,13 +109,3 @@ def export_clip_vit(params: Mapping, cfg: ClipVitConfig, prefix: str = PREFIX) -
   return mapping.export_params(clip_vit_table(cfg, prefix), flat)
 
 
-def tensor_to_numpy(value) -> np.ndarray:
-  """A torch tensor (bfloat16 kept bit-exact as ml_dtypes' bfloat16) or array-like → numpy array."""
-  if hasattr(value, "detach"):
-    import torch  # only reached with a torch tensor in hand
-
-    value = value.detach().cpu()
-    if value.dtype == torch.bfloat16:
-      return value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return value.numpy()
-  return np.asarray(value)

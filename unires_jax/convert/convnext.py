@@ -19,7 +19,7 @@ import numpy as np
 
 from unires_jax.convert import mapping
 from unires_jax.convert.hf_configs import convnext_config_to_hf  # noqa: F401  (re-exported)
-from unires_jax.convert.clip_vit import tensor_to_numpy
+from unires_jax.convert.common import tensor_to_numpy
 from unires_jax.models.convnext import NUM_STAGES, ConvNeXt, ConvNextConfig
 
 # timm's classifier (`head.fc`) is not part of the encoder; it may be present and is then ignored.

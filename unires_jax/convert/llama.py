@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unires_jax.convert import mapping
+from unires_jax.convert.common import tensor_to_numpy
 from unires_jax.convert.hf_configs import llama_config_to_hf  # noqa: F401  (re-exported)
 from unires_jax.models.llm import Llama, LlamaConfig
 
@@ -116,22 +117,13 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
   return {path: tuple(leaf.shape) for path, leaf in flat.items()}
 
 
-def _to_numpy(tensor) -> np.ndarray:
-  if hasattr(tensor, "detach"):  # a torch tensor; numpy has no bfloat16, so those are widened to float32
-    tensor = tensor.detach().cpu()
-    if str(tensor.dtype) == "torch.bfloat16":
-      tensor = tensor.float()
-    return tensor.numpy()
-  return np.asarray(tensor)
-
-
 def import_llama(state_dict: Mapping[str, Any], cfg: LlamaConfig) -> dict:
   """`LlamaForCausalLM.state_dict()` (torch tensors or numpy) → `Llama(cfg)` params (nested dict of numpy).
 
   Strict: every tensor must be mapped and every shape must match `cfg`; the first mismatch is named. With tied
   embeddings `lm_head.weight` (transformers' alias of the embedding) may be present and is skipped.
   """
-  arrays = {name: _to_numpy(t) for name, t in state_dict.items()}
+  arrays = {name: tensor_to_numpy(t) for name, t in state_dict.items()}
   allowed = _ALLOWED_UNUSED + ((r"lm_head\.weight",) if cfg.tie_embeddings else ())
   flat, _ = mapping.import_params(llama_table(cfg), arrays, num_layers=cfg.num_layers,
                                   expected=expected_shapes(cfg), what="LLaMA checkpoint", allow_unused=allowed)

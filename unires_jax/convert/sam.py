@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unires_jax.convert import mapping
+from unires_jax.convert.common import tensor_to_numpy
 from unires_jax.models.mask_decoder import MaskDecoder, MaskDecoderConfig
 
 POSITIONAL = "prompt_encoder.shared_embedding.positional_embedding"
@@ -115,12 +116,6 @@ def _expected_shapes(cfg: MaskDecoderConfig) -> dict[str, tuple[int, ...]]:
   return {path: tuple(leaf.shape) for path, leaf in flat.items()}
 
 
-def _to_numpy(value: Any) -> np.ndarray:
-  if hasattr(value, "detach"):  # a torch tensor
-    value = value.detach().cpu().numpy()
-  return np.asarray(value)
-
-
 def import_sam_decoder(state_dict: Mapping[str, Any], cfg: MaskDecoderConfig | Any) -> dict:
   """`SamModel` state dict (torch tensors or numpy arrays) → the `MaskDecoder` params tree.
 
@@ -128,7 +123,7 @@ def import_sam_decoder(state_dict: Mapping[str, Any], cfg: MaskDecoderConfig | A
   tensor raises, naming it. Returns `{'prompt_encoder': ..., 'transformer': ..., ...}` (unboxed numpy arrays).
   """
   cfg = _as_config(cfg)
-  weights = {name: _to_numpy(value) for name, value in state_dict.items()}
+  weights = {name: tensor_to_numpy(value) for name, value in state_dict.items()}
   if POSITIONAL not in weights and TIED_POSITIONAL in weights:
     weights[POSITIONAL] = weights[TIED_POSITIONAL]
   elif POSITIONAL in weights and TIED_POSITIONAL in weights:

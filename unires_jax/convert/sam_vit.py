@@ -16,7 +16,7 @@ import numpy as np
 
 from unires_jax.convert import mapping
 from unires_jax.convert.hf_configs import sam_vit_config_to_hf  # noqa: F401  (re-exported)
-from unires_jax.convert.clip_vit import tensor_to_numpy
+from unires_jax.convert.common import tensor_to_numpy
 from unires_jax.models.sam_vit import SamVisionEncoder, SamVitConfig
 
 # `SamModel` and `SamVisionModel` both hold the encoder as `vision_encoder`.

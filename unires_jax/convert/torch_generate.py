@@ -13,7 +13,6 @@ the original size.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping, Sequence
 
 import ml_collections

@@ -163,7 +163,7 @@ def import_unires(state_dict: Mapping[str, Any], cfg: UniRESConfig,
                   expected: Mapping[str, tuple[int, ...]] | None = None) -> dict:
   """`UniRESTorch` state dict (numpy or torch tensors) → UniRES params (nested numpy); strict, checked against
   the model's shapes (the first mismatching tensor is named)."""
-  from unires_jax.convert.clip_vit import tensor_to_numpy
+  from unires_jax.convert.common import tensor_to_numpy
 
   expected = param_shapes(cfg) if expected is None else expected
   arrays = {name: tensor_to_numpy(value) for name, value in state_dict.items()}

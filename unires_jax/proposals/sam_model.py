@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unires_jax import sharding
 from unires_jax.convert import checkpoints
-from unires_jax.convert.clip_vit import tensor_to_numpy
+from unires_jax.convert.common import tensor_to_numpy
 from unires_jax.convert.sam import import_sam_decoder, mask_decoder_config_from_hf
 from unires_jax.convert.sam_vit import import_sam_vit, sam_vit_config_from_hf
 from unires_jax.models.mask_decoder import NOT_A_POINT, POSITIVE_POINT, MaskDecoder, MaskDecoderConfig

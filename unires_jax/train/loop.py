@@ -175,6 +175,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, evaluate: Evaluate |
   config = resolve_workdir_paths(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.sharding_rules)
+  sharding.check_batch_rule(rules)
   check_config(config, mesh, getattr(evaluate, "check", None))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -30,7 +30,7 @@ class TrainState:
 
 
 def batch_shardings(batch: dict, mesh: Mesh) -> dict:
-  """Every batch array split over ('data', 'fsdp') on its leading dimension."""
+  """Every batch array split over `sharding.BATCH_AXES` on its leading dimension."""
   return {k: NamedSharding(mesh, P(sharding.BATCH_AXES, *([None] * (np.ndim(v) - 1)))) for k, v in batch.items()}
 
 
