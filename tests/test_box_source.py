@@ -84,6 +84,7 @@ def _pipeline_config(split_dir, tmp_path):
   config.data.sources = [dict(dir=split_dir, weight=1.0)]
   config.data.toy_tokenizer_prefix = str(tmp_path / "toy_tokenizer")
   config.data.batch_size = 8
+  config.data.box_source = "annotations"  # a run trained on ground-truth boxes: what evaluation must not inherit
   return config
 
 

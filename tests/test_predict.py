@@ -25,7 +25,7 @@ PROMPT_KEYS = ("image_low", "image_high", "object_boxes", "object_box_mask", "pa
 
 
 def _eval_boxes(record: dict) -> dict:
-  """The boxes the eval pipeline feeds for a record (the toy config's box_source 'annotations': its GT boxes)."""
+  """The boxes the eval pipeline feeds for a record with `data.box_source='annotations'`: its GT boxes."""
   return {kind: [a["bbox"] for a in record["annotations"] if a["granularity"] == kind] for kind in ("object", "part")}
 
 
@@ -37,6 +37,7 @@ def test_prompt_batch_equals_the_eval_pipeline(tmp_path):
   config.data.sources = [dict(dir=split_dir, weight=1.0)]
   config.data.toy_tokenizer_prefix = str(tmp_path / "toy_tokenizer")
   config.data.batch_size = 4
+  config.data.box_source = "annotations"  # the pipeline reads the GT boxes that `_eval_boxes` hands generation
   tokenizer = tokenizer_lib.Tokenizer(pipeline.resolve_tokenizer(config))
   expected = next(iter(pipeline.make_eval_iterator(config, split_dir, process_index=0, process_count=1)))
   source = records.SplitSource(split_dir)

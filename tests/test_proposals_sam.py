@@ -226,7 +226,7 @@ def test_point_prompted_decoder_matches_hf(hf_model):
   want = out.pred_masks.numpy()[0]
   assert np.abs(want).max() > 1.0
   # The test weights make logits of a few hundred; float32 agreement relative to that scale.
-  np.testing.assert_allclose(np.asarray(masks), want, atol=1e-5 * np.abs(want).max(), rtol=0)
+  np.testing.assert_allclose(np.asarray(masks), want, atol=5e-5 * np.abs(want).max(), rtol=0)  # float32 round-off
 
 
 @pytest.mark.torch

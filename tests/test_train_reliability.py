@@ -65,7 +65,7 @@ def test_resuming_under_a_changed_model_config_stops_and_moves_nothing(runner):
   result = runner.run(workdir, "--config.model.llm.mlp_dim=96", check=False, timeout=300)
   error = _short_error(result)
   assert f"checkpoint step {TOTAL_STEPS} in" in error and "does not fit this config's model" in error
-  assert "params/llm/layers/mlp/down_proj/kernel: checkpoint shape (2, 128, 64), the model expects (2, 96, 64)" in error
+  assert "params/llm/layers/mlp/down_proj/kernel: checkpoint shape (4, 256, 128), the model expects (4, 96, 128)" in error
   assert committed_steps(workdir) == steps
   assert not os.path.exists(os.path.join(workdir, "checkpoints_unreadable"))
 
