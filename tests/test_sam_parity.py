@@ -104,3 +104,17 @@ def test_wrong_size_checkpoint_is_refused_naming_the_tensor(hf_model):
   untied = {**state_dict, sam.TIED_POSITIONAL: state_dict[sam.POSITIONAL] + 1.0}
   with pytest.raises(ValueError, match="tied"):
     sam.import_sam_decoder(untied, CFG)
+
+
+def test_bfloat16_torch_tensors_import_bit_exact(hf_model):
+  """A bf16 checkpoint (LISA ships one) imports: each tensor keeps its bf16 bits (`convert/common.py`)."""
+  import ml_dtypes
+  import torch
+
+  bf16 = {k: v.to(torch.bfloat16) for k, v in hf_model.state_dict().items()}
+  params = sam.import_sam_decoder(bf16, CFG)
+  widened = sam.import_sam_decoder({k: v.float() for k, v in bf16.items()}, CFG)
+  flat = jax.tree_util.tree_leaves_with_path(params)
+  assert any(np.asarray(leaf).dtype == ml_dtypes.bfloat16 for _, leaf in flat)
+  for (path, leaf), other in zip(flat, jax.tree_util.tree_leaves(widened)):
+    np.testing.assert_array_equal(np.asarray(leaf).astype(np.float32), np.asarray(other), err_msg=str(path))
