@@ -26,8 +26,7 @@ import numpy as np  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 from configs import unires_7b  # noqa: E402
-from scripts import convert_to_pytorch, import_pretrained  # noqa: E402
-from unires_jax.convert import mapping  # noqa: E402
+from unires_jax.convert import export, mapping, pretrained  # noqa: E402
 from unires_jax.convert import unires as convert_unires  # noqa: E402
 from unires_jax.convert.clip_vit import export_clip_vit  # noqa: E402
 from unires_jax.convert.convnext import export_convnext  # noqa: E402
@@ -66,10 +65,10 @@ def benchmark_size(size: str, workdir: str, repeats: int) -> dict:
     sources[name] = os.path.join(workdir, f"{size}_{name}.safetensors")
     save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, sources[name])
   del parts
-  report, import_s, import_rss = _timed(lambda: import_pretrained.import_pretrained(
+  report, import_s, import_rss = _timed(lambda: pretrained.import_pretrained(
       config, os.path.join(workdir, f"{size}_init"), sources))
   out = os.path.join(workdir, f"{size}_torch")
-  _, export_s, export_rss = _timed(lambda: convert_to_pytorch.convert_to_pytorch(params, config, out))
+  _, export_s, export_rss = _timed(lambda: export.convert_to_pytorch(params, config, out))
 
   batch = example_batch(cfg, 1, seed=0)
   forward = jax.jit(UniRES(cfg).apply)

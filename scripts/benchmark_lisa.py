@@ -33,7 +33,6 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 from configs import lisa as lisa_config  # noqa: E402
-from scripts import convert_to_pytorch  # noqa: E402
 from scripts.benchmark_model import machine  # noqa: E402
 from unires_jax.convert import lisa as lisa_convert  # noqa: E402
 from unires_jax.convert import shards  # noqa: E402
@@ -165,7 +164,7 @@ def benchmark(size: str, workdir: str, lisa_shard_bytes: int, export_shard: str,
   model_bytes = num_params * np.dtype(config.model.param_dtype).itemsize
   print(f"import: {num_params:,} params in {imported_run['seconds']:.1f}s, "
         f"peak {imported_run['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
-  max_shard_bytes = convert_to_pytorch._size_bytes(export_shard)
+  max_shard_bytes = shards.parse_size(export_shard)
   exports = []
   for dtype in dtypes:
     out = os.path.join(workdir, f"export_{size}_{dtype}")
@@ -201,7 +200,7 @@ def main(argv=None) -> None:
   for dtype in dtypes:
     shards.numpy_dtype(dtype)  # an unknown dtype is refused before anything is written
   with tempfile.TemporaryDirectory() as scratch:
-    result = benchmark(args.size, args.workdir or scratch, convert_to_pytorch._size_bytes(args.lisa_shard_size),
+    result = benchmark(args.size, args.workdir or scratch, shards.parse_size(args.lisa_shard_size),
                        args.max_shard_size, dtypes)
   report = dict(date=datetime.date.today().isoformat(), machine=machine(),
                 load_average=list(os.getloadavg()), **result)

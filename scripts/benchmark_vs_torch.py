@@ -240,9 +240,7 @@ def unires_pair(preset: dict) -> Pair:
   import tempfile
 
   from configs import tiny
-  from scripts import convert_to_pytorch
-  from unires_jax import torch_model
-  from unires_jax.convert import mapping, unires as convert_unires
+  from unires_jax.convert import export, mapping, torch_model, unires as convert_unires
   from unires_jax.models.example_batch import example_batch
   from unires_jax.models.unires import UniRES, UniRESConfig
 
@@ -254,7 +252,7 @@ def unires_pair(preset: dict) -> Pair:
   params = mapping.unflatten_params(flat)
   batch = example_batch(cfg, 1, seed=10)
   with tempfile.TemporaryDirectory() as folder:
-    convert_to_pytorch.convert_to_pytorch(params, config, folder)
+    export.convert_to_pytorch(params, config, folder)
     model = torch_model.UniRESTorch.from_exported(folder).eval()
   module = UniRES(cfg)
   fn = jax.jit(lambda p, b: module.apply({"params": p}, b)["mask_logits"])

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 from configs import tiny
 from scripts import convert_to_pytorch
-from unires_jax.convert import checkpoints, mapping
+from unires_jax.convert import checkpoints, export, mapping
 from unires_jax.convert import unires as convert_unires
 from unires_jax.models.unires import UniRESConfig
 from unires_jax.train import lora as lora_lib
@@ -131,5 +131,11 @@ def test_export_holds_one_partial_shard_at_a_time(tmp_path, monkeypatch):
 
   monkeypatch.setattr(shards.ShardWriter, "add", tracked_add)
   monkeypatch.setattr(shards.ShardWriter, "close", tracked_close)
-  summary = convert_to_pytorch.convert_to_pytorch(params, config, str(tmp_path / "out"), max_shard_bytes=20_000)
+  summary = export.convert_to_pytorch(params, config, str(tmp_path / "out"), max_shard_bytes=20_000)
   assert most[0] == 1 and summary["num_llm_tensors"] > 0 and summary["num_head_tensors"] > 0
+
+
+def test_parse_size_reads_units_and_plain_bytes():
+  from unires_jax.convert import shards
+  assert shards.parse_size("2GB") == 2_000_000_000 and shards.parse_size("1.5GiB") == 3 * 2 ** 29
+  assert shards.parse_size("500mb") == 500_000_000 and shards.parse_size("1234") == 1234

@@ -10,8 +10,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from configs import tiny
-from scripts import convert_to_pytorch, import_pretrained
-from unires_jax.convert import checkpoints, mapping
+from scripts import convert_to_pytorch
+from unires_jax.convert import checkpoints, mapping, pretrained
 from unires_jax.convert import unires as convert_unires
 from unires_jax.convert.clip_vit import export_clip_vit
 from unires_jax.convert.convnext import export_convnext_timm
@@ -109,7 +109,7 @@ def _write_pretrained_parts(params, cfg, directory) -> dict[str, str]:
 
 def test_import_pretrained_then_export_reproduces_every_tensor(params, cfg, config, tmp_path):
   sources = _write_pretrained_parts(params, cfg, tmp_path / "pretrained")
-  report = import_pretrained.import_pretrained(config, str(tmp_path / "init"), sources, seed=3)
+  report = pretrained.import_pretrained(config, str(tmp_path / "init"), sources, seed=3)
   imported, _ = checkpoints.load_params(str(tmp_path / "init"))
   want, got = _flat(params), _flat(imported)
   assert set(got) == set(want)
@@ -151,7 +151,7 @@ def test_import_pretrained_refuses_wrong_size_naming_the_tensor(params, cfg, con
   save_file(llm, str(tmp_path / "llm" / "model.safetensors"))
   with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight' in .*llm/model\.safetensors "
                                        r"has shape \(96, 64\), expected \(128, 64\)"):
-    import_pretrained.import_pretrained(config, str(tmp_path / "out"), {"llm": str(tmp_path / "llm")})
+    pretrained.import_pretrained(config, str(tmp_path / "out"), {"llm": str(tmp_path / "llm")})
   assert not os.path.exists(tmp_path / "out" / "params")
 
 
@@ -160,4 +160,4 @@ def test_import_pretrained_refuses_another_architecture(params, cfg, config, tmp
   llm["model.layers.2.input_layernorm.weight"] = np.ones(64, np.float32)  # a third layer the model lacks
   save_file(llm, str(tmp_path / "llm.safetensors"))
   with pytest.raises(KeyError, match=r"model\.layers\.2\.input_layernorm\.weight"):
-    import_pretrained.import_pretrained(config, str(tmp_path / "out"), {"llm": str(tmp_path / "llm.safetensors")})
+    pretrained.import_pretrained(config, str(tmp_path / "out"), {"llm": str(tmp_path / "llm.safetensors")})

@@ -17,7 +17,7 @@ from configs import tiny
 from scripts import import_pretrained
 from test_convert_unires import random_params
 from unires_jax import cli
-from unires_jax.convert import checkpoints, part_configs
+from unires_jax.convert import checkpoints, part_configs, pretrained
 from unires_jax.convert.clip_vit import export_clip_vit
 from unires_jax.convert.hf_configs import (clip_vit_config_to_hf, convnext_config_to_hf, llama_config_to_hf,
                                            sam_decoder_config_to_hf)
@@ -115,14 +115,14 @@ def test_clip_towers_with_and_without_the_vision_model_prefix(config, cfg, tmp_p
   for name, prefix in (("with_prefix", "vision_model."), ("transformers5", "")):
     tower = export_clip_vit(params["vision_low"], cfg.vit, prefix=prefix)
     path = _part(tmp_path / name, tower, dict(clip_vit_config_to_hf(cfg.vit), model_type="clip_vision_model"))
-    report = import_pretrained.import_pretrained(config, str(tmp_path / f"out_{name}"), {"vision_tower": path})
+    report = pretrained.import_pretrained(config, str(tmp_path / f"out_{name}"), {"vision_tower": path})
     assert any(row["param"] == "vision_low/class_embedding" for row in report["imported"]), name
     imported, _ = checkpoints.load_params(str(tmp_path / f"out_{name}"))
     np.testing.assert_array_equal(imported["vision_low"]["class_embedding"], params["vision_low"]["class_embedding"])
   other = tmp_path / "other.safetensors"
   save_file({"visual.conv1.weight": np.zeros((2, 2), np.float32)}, str(other))
   with pytest.raises(KeyError, match=r"expected tensors under 'vision_model\.'.*found the prefixes \['visual\.'\]"):
-    import_pretrained.import_pretrained(config, str(tmp_path / "out_other"), {"vision_tower": str(other)})
+    pretrained.import_pretrained(config, str(tmp_path / "out_other"), {"vision_tower": str(other)})
 
 
 def test_a_head_tensor_of_the_wrong_size_is_named_before_the_reshape(config, cfg, tmp_path):
@@ -131,7 +131,7 @@ def test_a_head_tensor_of_the_wrong_size_is_named_before_the_reshape(config, cfg
   path = tmp_path / "tower.safetensors"
   save_file({k: np.ascontiguousarray(v) for k, v in tower.items()}, str(path))
   with pytest.raises(ValueError) as caught:
-    import_pretrained.import_pretrained(config, str(tmp_path / "out"), {"vision_tower": str(path)})
+    pretrained.import_pretrained(config, str(tmp_path / "out"), {"vision_tower": str(path)})
   message = str(caught.value)
   assert "tensor 'vision_model.encoder.layers.1.self_attn.q_proj.weight'" in message and str(path) in message
   assert "has shape (40, 48), expected (32, 32)" in message and "cannot reshape" not in message
@@ -142,4 +142,4 @@ def test_a_plain_pickle_is_not_a_torch_checkpoint(config, tmp_path):
   path = tmp_path / "pytorch_model.bin"
   path.write_bytes(pickle.dumps({"model.embed_tokens.weight": [[0.0]]}))
   with pytest.raises(ValueError, match=f"weights file {path} is not a torch checkpoint.*a plain Python pickle"):
-    import_pretrained.import_pretrained(config, str(tmp_path / "out"), {"llm": str(path)})
+    pretrained.import_pretrained(config, str(tmp_path / "out"), {"llm": str(path)})

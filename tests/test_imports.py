@@ -131,3 +131,16 @@ def test_no_import_cycles_between_modules():
                      and not module.startswith(t + ".")}  # a package's own __init__ is not a cycle
   cycle = find_cycle(graph)
   assert cycle is None, "import cycle: " + " → ".join(cycle)
+
+
+def test_package_imports_no_script():
+  """scripts/ are command-line shells over the package: nothing in `unires_jax/` may import them."""
+  wrong = []
+  for module, path in sorted(package_modules().items()):
+    with open(path) as f:
+      tree = ast.parse(f.read(), path)
+    for node in ast.walk(tree):
+      names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+               else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+      wrong += [f"{module} imports {name}" for name in names if name == "scripts" or name.startswith("scripts.")]
+  assert not wrong, "the package imports scripts/:\n" + "\n".join(wrong)

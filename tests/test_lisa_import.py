@@ -33,11 +33,11 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from configs import lisa as lisa_config  # noqa: E402
-from scripts import import_pretrained  # noqa: E402
 from unires_jax.convert import checkpoints  # noqa: E402
 from unires_jax.convert import clip_vit as clip_convert  # noqa: E402
 from unires_jax.convert import lisa as lisa_convert  # noqa: E402
 from unires_jax.convert import llama as llama_convert  # noqa: E402
+from unires_jax.convert import pretrained  # noqa: E402
 from unires_jax.data import pipeline, tokenizer as tokenizer_lib  # noqa: E402
 from unires_jax.eval import inference  # noqa: E402
 from unires_jax.models.unires import UniRES, UniRESConfig  # noqa: E402
@@ -159,7 +159,7 @@ def lisa(tmp_path_factory):
   save_file({(k if k.startswith("vision_model.") else f"vision_model.{k}"): v.contiguous()
              for k, v in clip.state_dict().items()}, str(clip_dir / "model.safetensors"))
   out = root / "imported"
-  report = import_pretrained.import_pretrained(config, str(out), {"lisa": str(lisa_dir), "vision_tower": str(clip_dir)})
+  report = pretrained.import_pretrained(config, str(out), {"lisa": str(lisa_dir), "vision_tower": str(clip_dir)})
   # The reference reads the same bf16 tensors, upcast.
   reference = {k: v.float() for k, v in state.items()}
   llama.load_state_dict({k: v for k, v in reference.items() if not k.startswith(("model.mm_", "model.visual",
@@ -251,7 +251,7 @@ def test_mismatch_and_missing_shard_are_named(lisa, tmp_path):
   config = lisa_config.get_config("tiny")
   config.model.mask_decoder.mlp_dim = 48
   with pytest.raises(ValueError, match=r"mask_decoder\.transformer\.layers\.0\.mlp\.lin1\.weight"):
-    import_pretrained.import_pretrained(config, str(tmp_path / "a"), {"lisa": lisa["lisa_dir"]})
+    pretrained.import_pretrained(config, str(tmp_path / "a"), {"lisa": lisa["lisa_dir"]})
   broken = tmp_path / "broken"
   broken.mkdir()
   with open(os.path.join(lisa["lisa_dir"], "pytorch_model.bin.index.json")) as f:

@@ -11,9 +11,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from configs import tiny  # noqa: E402
-from scripts import convert_to_pytorch  # noqa: E402
+from unires_jax.convert import export, mapping  # noqa: E402
 from unires_jax.convert import torch_model  # noqa: E402
-from unires_jax.convert import mapping  # noqa: E402
 from unires_jax.convert import unires as convert_unires  # noqa: E402
 from unires_jax.models.example_batch import example_batch  # noqa: E402
 from unires_jax.models.roi_align import roi_align as jax_roi_align  # noqa: E402
@@ -45,7 +44,7 @@ def exported(tmp_path_factory):
   batch = example_batch(cfg, 2, seed=1)
   jax_out = jax.jit(UniRES(cfg).apply)({"params": params}, {k: jnp.asarray(v) for k, v in batch.items()})
   out = tmp_path_factory.mktemp("export")
-  convert_to_pytorch.convert_to_pytorch(params, config, str(out))
+  export.convert_to_pytorch(params, config, str(out))
   return out, batch, {k: np.asarray(v) for k, v in jax_out.items()}
 
 
@@ -109,7 +108,7 @@ def test_lisa_variant_export_matches_jax(tmp_path):
   params = _random_params(cfg, seed=2)
   batch = example_batch(cfg, 2, seed=3)
   want = jax.jit(UniRES(cfg).apply)({"params": params}, {k: jnp.asarray(v) for k, v in batch.items()})
-  summary = convert_to_pytorch.convert_to_pytorch(params, config, str(tmp_path))
+  summary = export.convert_to_pytorch(params, config, str(tmp_path))
   assert summary["num_head_tensors"] > 0
   model = torch_model.UniRESTorch.from_exported(str(tmp_path))
   assert hasattr(model, "sam_vit") and not hasattr(model, "vision_high") and not hasattr(model, "dynamic_query")
@@ -126,7 +125,7 @@ def test_sharded_bfloat16_export_loads_and_matches_the_single_file_one(exported,
   config = tiny.get_config()
   cfg = UniRESConfig.from_config(config.model)
   params = _random_params(cfg)
-  convert_to_pytorch.convert_to_pytorch(params, config, str(tmp_path), dtype="bfloat16", max_shard_bytes=40_000)
+  export.convert_to_pytorch(params, config, str(tmp_path), dtype="bfloat16", max_shard_bytes=40_000)
   for folder, prefix in (("llm", "model"), ("vision_tower", "model"), ("", "unires")):
     with open(tmp_path / folder / f"{prefix}.safetensors.index.json") as f:
       index = json.load(f)
@@ -144,7 +143,7 @@ def test_sharded_bfloat16_export_loads_and_matches_the_single_file_one(exported,
   assert np.abs(got["mask_logits"].numpy() - ref["mask_logits"].numpy()).max() < 0.1 * np.abs(
       ref["mask_logits"].numpy()).max()
   with pytest.raises(ValueError, match="dtype 'int8'"):
-    convert_to_pytorch.convert_to_pytorch(params, config, str(tmp_path / "bad"), dtype="int8")
+    export.convert_to_pytorch(params, config, str(tmp_path / "bad"), dtype="int8")
 
 
 def test_kept_lora_factors_give_the_merged_model(tmp_path):
@@ -163,9 +162,9 @@ def test_kept_lora_factors_give_the_merged_model(tmp_path):
   factors = jax.tree.map(lambda x: np.asarray(x) + rng.normal(0, 0.2, x.shape).astype(np.float32), factors)
   with_lora = dict(params, lora=factors)
   batch = example_batch(cfg, 2, seed=7)
-  convert_to_pytorch.convert_to_pytorch(with_lora, config, str(tmp_path / "merged"))
-  convert_to_pytorch.convert_to_pytorch(with_lora, config, str(tmp_path / "kept"), keep_lora=True)
-  convert_to_pytorch.convert_to_pytorch(params, config, str(tmp_path / "base"))
+  export.convert_to_pytorch(with_lora, config, str(tmp_path / "merged"))
+  export.convert_to_pytorch(with_lora, config, str(tmp_path / "kept"), keep_lora=True)
+  export.convert_to_pytorch(params, config, str(tmp_path / "base"))
   kept = torch_model.UniRESTorch.from_exported(str(tmp_path / "kept"))
   assert isinstance(kept.llm.model.layers[0].self_attn.o_proj, torch_model.LoraLinear)
   merged = _forward(torch_model.UniRESTorch.from_exported(str(tmp_path / "merged")), batch)

@@ -10,6 +10,7 @@ layout into torch tensors, checking that every shard the index names exists and 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -18,6 +19,16 @@ import numpy as np
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024 ** 3
 METADATA = {"format": "pt"}
+
+
+def parse_size(text: str) -> int:
+  """`2GB`, `500MB`, `1.5GiB`, or a number of bytes → bytes (a `max_shard_bytes` from the command line)."""
+  units = {"kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "b": 1}
+  lowered = text.strip().lower()
+  for unit in sorted(units, key=len, reverse=True):
+    if lowered.endswith(unit):
+      return int(math.floor(float(lowered[:-len(unit)]) * units[unit]))
+  return int(lowered)
 
 
 def numpy_dtype(name: str):

@@ -1,4 +1,4 @@
-"""UniRES++ in PyTorch (the `torch` extra): runs a checkpoint written by `scripts/convert_to_pytorch.py` without JAX.
+"""UniRES++ in PyTorch (the `torch` extra): runs an export (`convert/export.py`) without JAX.
 
 The LLM, the low-res ViT, the ConvNeXt, SAM's ViT and SAM's mask decoder are transformers modules
 (`LlamaForCausalLM`, `CLIPVisionModel`, `ConvNextModel`, `SamVisionEncoder`, `SamMaskDecoder`); the rest is plain
@@ -21,14 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from unires_jax.convert import shards
+from unires_jax.convert.export_files import CONFIG_FILE, HEADS_PREFIX, LORA_FILE
 from unires_jax.convert.torch_layers import (  # noqa: F401  (roi_align and the token ids are re-exported)
     TOKEN_IMAGE, TOKEN_OBJECT, TOKEN_PART, TOKEN_TEXT, DenseNeck, DynamicQuery, LoraLinear, SamDecoder, SegHead,
     VisionFlow, clip_hf_config, clip_to_sam_normalisation, convnext_hf_config, insert_visual_tokens, llama_hf_config,
     roi_align, sam_vision_encoder, slot_attention_mask, uses_region_tokens)
 
-HEADS_PREFIX = "unires"  # unires.safetensors, or unires-0000i-of-0000n.safetensors + unires.safetensors.index.json
-LORA_FILE = "lora.safetensors"
-CONFIG_FILE = "config.json"
 
 
 class UniRESTorch(nn.Module):
