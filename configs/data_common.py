@@ -26,8 +26,8 @@ Keys:
   too_long: 'error' (default: a sample whose prompt + answer exceed max_text_len stops the run, naming it) or
     'skip' (it becomes an inert, counted sample: no loss, no mask, sample_index -1).
   tokenizer_path: a SentencePiece model (LLaMA tokenizer.model for the full run); empty: the toy tokenizer,
-    trained once from the sources' sentences at toy_tokenizer_prefix (empty: <first source>/toy_tokenizer)
-    with toy_tokenizer_vocab_size pieces.
+    trained once where a run starts (pipeline.ensure_toy_tokenizer) from the sources' sentences at
+    toy_tokenizer_prefix (empty: <first source>/toy_tokenizer) with toy_tokenizer_vocab_size pieces.
   prompt_style: 'unires' (the visual prefix of image, object and part slots, then `USER: ... ASSISTANT:`) or
     'llava_v1' (LISA's `<s>{system_prompt} USER: <im_start><image>×Ni<im_end>\n... ASSISTANT:`, image slots only).
   system_prompt: the llava_v1 system text (unused by 'unires').

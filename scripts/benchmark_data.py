@@ -67,6 +67,7 @@ def measure(split_dir: str, resolution: str, workers: int, batches: int, batch_s
   config.data.batch_size = batch_size
   config.data.worker_count = workers
   config.data.toy_tokenizer_prefix = os.path.join(split_dir, "toy_tokenizer")
+  pipeline.ensure_toy_tokenizer(config)
   iterator = pipeline.make_train_iterator(config, process_index=0, process_count=1)
   next(iterator)  # start-up (worker processes, file handles) is not timed
   start = time.perf_counter()

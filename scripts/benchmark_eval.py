@@ -81,6 +81,7 @@ def model_in_the_loop(size: str, data_dir: str, work_dir: str, num_images: int, 
   import configs.toy as toy_config
   import configs.unires_7b as full_config
   from unires_jax import sharding
+  from unires_jax.data import pipeline
   from unires_jax.eval import evaluators, inference, predict_fns
   from unires_jax.train import state as state_lib
 
@@ -94,6 +95,7 @@ def model_in_the_loop(size: str, data_dir: str, work_dir: str, num_images: int, 
     config.data.max_text_len = pipeline_prefix_len(config) + 64
   config.data.sources = [dict(dir=split_dir, weight=1.0)]
   config.data.toy_tokenizer_prefix = os.path.join(work_dir, "toy_tokenizer")
+  pipeline.ensure_toy_tokenizer(config)
   config.data.batch_size = batch_size
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.sharding_rules)

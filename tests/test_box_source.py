@@ -96,6 +96,7 @@ def test_eval_pipeline_reads_the_attached_boxes_and_never_falls_back_to_ground_t
       {"val": original}, box_source.eval_source(none_config, False, "test"), none_config, str(tmp_path / "with"),
       "synthetic").values()
   config = _pipeline_config(original, tmp_path)
+  pipeline.ensure_toy_tokenizer(config)
   batch = lambda cfg, split_dir: next(iter(pipeline.make_eval_iterator(cfg, split_dir, process_index=0,
                                                                        process_count=1)))
   # The run's own (training) choice reads ground-truth boxes: what evaluation must avoid.

@@ -81,7 +81,7 @@ def budget(tmp_path_factory):
   config = toy_config.get_config("quick")
   config.data.sources = [dict(dir=split_dir, weight=1.0)]
   config.data.toy_tokenizer_prefix = str(root / "toy_tokenizer")
-  return session.PromptBudget.from_config(config, tokenizer_lib.Tokenizer(pipeline.resolve_tokenizer(config)))
+  return session.PromptBudget.from_config(config, tokenizer_lib.Tokenizer(pipeline.ensure_toy_tokenizer(config)))
 
 
 def test_short_phrase_fits_unchanged(budget):

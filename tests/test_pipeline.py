@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import jax
 import numpy as np
@@ -93,6 +94,7 @@ def split_dirs(tmp_path_factory):
   empty = [_record(50 + i, 32, 48, objects=[(0, 0, 10, 10)], parts=[], refs=[([], "no-target", [_phrase(rng)])])
            for i in range(5)]
   records.write_split(empty, str(root / "empty"), num_shards=1, dataset="synthetic", split="val")
+  pipeline.ensure_toy_tokenizer(_config([main], toy_tokenizer_prefix=str(root / "tok")))  # as a run would
   return dict(main=main, empty=str(root / "empty"), root=str(root))
 
 
@@ -232,6 +234,22 @@ def test_annotation_boxes_on_the_high_res_canvas(eval_batches, split_dirs):
   # Image 3 (32x32, scale 4) has detector proposals, which 'annotations' ignores.
   np.testing.assert_allclose(samples[7]["object_boxes"][:1], [[32, 32, 96, 96]])
   np.testing.assert_array_equal(samples[7]["object_box_mask"], [True, False, False, False])
+
+
+def test_resolve_tokenizer_only_looks_up_and_ensure_toy_tokenizer_trains_it_once(split_dirs, tmp_path):
+  config = _config([split_dirs["main"]], toy_tokenizer_prefix=str(tmp_path / "fresh"))
+  expected = str(tmp_path / "fresh.model")
+  with pytest.raises(FileNotFoundError, match="ensure_toy_tokenizer") as raised:
+    pipeline.resolve_tokenizer(config)
+  assert expected in str(raised.value) and not list(tmp_path.iterdir())  # a lookup creates nothing
+  assert pipeline.ensure_toy_tokenizer(config) == expected
+  made = os.stat(expected).st_mtime_ns
+  assert pipeline.ensure_toy_tokenizer(config) == expected and os.stat(expected).st_mtime_ns == made  # once
+  assert pipeline.resolve_tokenizer(config) == expected
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.model", "fresh.vocab"]  # no temporary left
+  config.data.tokenizer_path = str(tmp_path / "missing.model")
+  with pytest.raises(FileNotFoundError, match="missing.model"):
+    pipeline.resolve_tokenizer(config)
 
 
 def test_proposal_boxes_come_from_the_records_and_none_gives_no_boxes(split_dirs):

@@ -38,7 +38,7 @@ def test_prompt_batch_equals_the_eval_pipeline(tmp_path):
   config.data.toy_tokenizer_prefix = str(tmp_path / "toy_tokenizer")
   config.data.batch_size = 4
   config.data.box_source = "annotations"  # the pipeline reads the GT boxes that `_eval_boxes` hands generation
-  tokenizer = tokenizer_lib.Tokenizer(pipeline.resolve_tokenizer(config))
+  tokenizer = tokenizer_lib.Tokenizer(pipeline.ensure_toy_tokenizer(config))
   expected = next(iter(pipeline.make_eval_iterator(config, split_dir, process_index=0, process_count=1)))
   source = records.SplitSource(split_dir)
   rows = [int(i) for i in expected["sample_index"] if i >= 0]
@@ -63,7 +63,7 @@ def test_no_boxes_means_every_box_slot_is_masked(tmp_path):
   config = toy_config.get_config("quick")
   config.data.sources = [dict(dir=split_dir, weight=1.0)]
   config.data.toy_tokenizer_prefix = str(tmp_path / "toy_tokenizer")
-  tokenizer = tokenizer_lib.Tokenizer(pipeline.resolve_tokenizer(config))
+  tokenizer = tokenizer_lib.Tokenizer(pipeline.ensure_toy_tokenizer(config))
   image = np.zeros((30, 50, 3), np.uint8)
   batch = inference.make_prompt_batch(config, tokenizer, [image, image], ["the tree", "the tree"],
                                       [None, {"object": [[0, 0, 25, 15]]}])

@@ -107,32 +107,50 @@ def _finish(dataset: grain.MapDataset, data: DataConfig, local_batch_size: int, 
   return iter(batched.map(_CountAndStrip(stats)))
 
 
-def resolve_tokenizer(config: ml_collections.ConfigDict) -> str:
-  """The tokenizer model path: `data.tokenizer_path`, else the toy tokenizer (trained once from the sources'
-  sentences and the templates at `data.toy_tokenizer_prefix`, default `<first source>/toy_tokenizer`).
-  Checks that its ids fit `model.llm.vocab_size`."""
+def _toy_tokenizer_prefix(data: DataConfig) -> str:
+  """Where the toy tokenizer lives (without `.model`): `data.toy_tokenizer_prefix`, default
+  `<first source>/toy_tokenizer`."""
+  if not data.sources:
+    raise ValueError("data.tokenizer_path is empty and data.sources is empty: nothing to train the toy "
+                     "tokenizer on")
+  return data.toy_tokenizer_prefix or os.path.join(data.sources[0].dir, "toy_tokenizer")
+
+
+def ensure_toy_tokenizer(config: ml_collections.ConfigDict) -> str:
+  """Trains the toy tokenizer from the sources' sentences and the templates unless it exists (or the config names
+  `data.tokenizer_path`); returns the tokenizer model path. Where a run starts, before any pipeline is made."""
   data = DataConfig(**config.data.to_dict())
-  path = data.tokenizer_path
-  if not path:
-    if not data.sources:
-      raise ValueError("data.tokenizer_path is empty and data.sources is empty: nothing to train the toy "
-                       "tokenizer on")
-    prefix = data.toy_tokenizer_prefix or os.path.join(data.sources[0].dir, "toy_tokenizer")
-    path = prefix + ".model"
-    if not os.path.exists(path):
-      sentences = [t.replace("{phrase}", "") for t in
-                   data.instruction_templates + data.answer_templates + data.no_target_answer_templates]
-      sentences += ["USER: ASSISTANT:"]
-      for source_config in data.sources:
-        source = records_lib.SplitSource(source_config.dir)
-        for record_index in range(source.num_records):
-          for ref in source.record(record_index)["refs"]:
-            sentences += [s["sent"] for s in ref["sentences"]]
-      # Trained under a private name, then renamed: processes that race here all write the same model.
-      temp_prefix = f"{prefix}.tmp-{os.getpid()}"
-      tokenizer_lib.train_toy_tokenizer(sentences, temp_prefix, data.toy_tokenizer_vocab_size)
-      os.replace(temp_prefix + ".model", path)
-      os.replace(temp_prefix + ".vocab", prefix + ".vocab")
+  if data.tokenizer_path:
+    return data.tokenizer_path
+  prefix = _toy_tokenizer_prefix(data)
+  path = prefix + ".model"
+  if not os.path.exists(path):
+    sentences = [t.replace("{phrase}", "") for t in
+                 data.instruction_templates + data.answer_templates + data.no_target_answer_templates]
+    sentences += ["USER: ASSISTANT:"]
+    for source_config in data.sources:
+      source = records_lib.SplitSource(source_config.dir)
+      for record_index in range(source.num_records):
+        for ref in source.record(record_index)["refs"]:
+          sentences += [s["sent"] for s in ref["sentences"]]
+    # Trained under a private name, then renamed: processes that race here all write the same model.
+    temp_prefix = f"{prefix}.tmp-{os.getpid()}"
+    tokenizer_lib.train_toy_tokenizer(sentences, temp_prefix, data.toy_tokenizer_vocab_size)
+    os.replace(temp_prefix + ".model", path)
+    os.replace(temp_prefix + ".vocab", prefix + ".vocab")
+  return path
+
+
+def resolve_tokenizer(config: ml_collections.ConfigDict) -> str:
+  """The tokenizer model path: `data.tokenizer_path`, else the toy tokenizer's (`ensure_toy_tokenizer` makes it).
+  Creates nothing: a missing file is a FileNotFoundError naming it. Checks that its ids fit `model.llm.vocab_size`."""
+  data = DataConfig(**config.data.to_dict())
+  path = data.tokenizer_path or _toy_tokenizer_prefix(data) + ".model"
+  if not os.path.exists(path):
+    how = ("data.tokenizer_path names no file" if data.tokenizer_path else
+           "the toy tokenizer is made where a run starts (scripts/train.py, or "
+           "unires_jax.data.pipeline.ensure_toy_tokenizer(config) before building a pipeline)")
+    raise FileNotFoundError(f"tokenizer {path!r} not found: {how}")
   tokenizer_lib.check_vocab_fits(tokenizer_lib.Tokenizer(path), int(config.model.llm.vocab_size))
   return path
 

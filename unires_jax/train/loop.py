@@ -204,6 +204,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, evaluate: Evaluate |
     counts = partition.count(state.params), partition.count(partition.split(state.params, mask)[0])
     log.info("parameters: %s total, %s trainable", f"{counts[0]:,}", f"{counts[1]:,}")
 
+  pipeline.ensure_toy_tokenizer(config)  # every process: a race writes the same model, renamed into place
   train_iter = pipeline.make_train_iterator(config)
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), save_every=int(train_cfg.checkpoint_every),
