@@ -3,12 +3,15 @@ disk; exports read the parameters alone."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
+import gc
 import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import jax
 import jax.numpy as jnp
@@ -135,6 +138,54 @@ def test_failed_restores_leave_no_event_loop_noise(tmp_path):
   assert result.stdout.split("\n")[:2] == ["mismatch refused", "restored step 1"]
   assert "Event loop is closed" not in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def _closed_loop_unraisable() -> types.SimpleNamespace:
+  """What Tensorstore hands `sys.unraisablehook` when a read finishes for an event loop that is already closed."""
+  loop = asyncio.new_event_loop()
+  loop.close()
+  try:
+    loop.call_soon_threadsafe(print)
+  except RuntimeError as error:
+    return types.SimpleNamespace(exc_type=RuntimeError, exc_value=error, exc_traceback=error.__traceback__,
+                                 err_msg=None, object=None)
+  raise AssertionError("a closed event loop accepted a callback")
+
+
+def _collect_suspended_coroutine(name: str) -> None:
+  """Suspends a coroutine called `name` that answers its close with an exception, as Orbax's reads do, and drops it."""
+  @types.coroutine
+  def suspend():
+    yield
+
+  async def read():
+    try:
+      await suspend()
+    except BaseException as error:
+      raise Exception("a copy of the failure") from error
+
+  read.__qualname__ = name
+  coroutine = read()
+  coroutine.send(None)
+  del coroutine
+  gc.collect()
+
+
+def test_echoes_of_a_failed_restore_are_dropped_and_other_unraisables_pass(monkeypatch):
+  reached_stderr = []
+  monkeypatch.setattr(sys, "unraisablehook", reached_stderr.append)
+  checkpoint_lib.quiet_abandoned_reads()
+  checkpoint_lib.quiet_abandoned_reads()  # a second call adds no second layer
+  _collect_suspended_coroutine(checkpoint_lib.ORBAX_READ_COROUTINE)
+  sys.unraisablehook(_closed_loop_unraisable())
+  assert reached_stderr == []
+  _collect_suspended_coroutine("someone_elses_read")
+  other_error = RuntimeError("Event loop is closed")  # same words, raised elsewhere: not an echo
+  sys.unraisablehook(types.SimpleNamespace(exc_type=RuntimeError, exc_value=other_error, exc_traceback=None,
+                                           err_msg=None, object=None))
+  assert [type(u.object).__name__ for u in reached_stderr] == ["coroutine", "NoneType"]
+  assert reached_stderr[0].object.__qualname__ == "someone_elses_read"
+  assert reached_stderr[1].exc_value is other_error
 
 
 def damage_arrays(item_dir: str, prefix: bytes) -> int:

@@ -19,6 +19,7 @@ import errno
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 import grain
@@ -38,6 +39,8 @@ UNREADABLE_SUFFIX = "_unreadable"
 UNREADABLE_STATUS = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "INVALID_ARGUMENT", "FAILED_PRECONDITION")
 MAX_NAMED_LEAVES = 8
 RESTORE_BATCH_BYTES = 64 * 2**20  # parameters read per restore call by `restore_params`
+# Orbax's per-array read coroutine: when one read of a restore fails, its siblings are left suspended.
+ORBAX_READ_COROUTINE = "_read_array_index_and_device_put"
 
 
 class CheckpointError(UserError):
@@ -104,6 +107,42 @@ def is_disk_full(error: BaseException) -> bool:
     if "No space left on device" in str(candidate) or "os_error_code='28'" in str(candidate):
       return True
   return False
+
+
+def _is_abandoned_read_echo(unraisable) -> bool:
+  """True for the two echoes of a failed Orbax restore that Python would print as unraisable tracebacks."""
+  if getattr(unraisable.object, "__qualname__", "") == ORBAX_READ_COROUTINE:
+    return True  # a sibling read closed when collected, raising its own copy of the failure
+  error, trace = unraisable.exc_value, unraisable.exc_traceback
+  if unraisable.object is None and isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+    while trace is not None and trace.tb_next is not None:
+      trace = trace.tb_next
+    # Tensorstore finishing a read for the restore's event loop after Orbax has closed it.
+    return trace is not None and trace.tb_frame.f_code.co_name == "_check_closed"
+  return False
+
+
+def quiet_abandoned_reads() -> None:
+  """Called before a restore: from now on, the echoes of a failed restore go to the debug log instead of stderr (idempotent).
+
+  When one array read of an Orbax restore fails, the other reads are abandoned: collected later, each raises its own
+  copy of the failure, and Tensorstore reads still in flight report into the restore's closed event loop. Python
+  prints both as tracebacks on stderr, at unpredictable times after the restore has returned. The failure itself is
+  sorted and reported by the caller, so the echoes are logged at debug level; every other unraisable exception
+  reaches the previous hook unchanged.
+  """
+  previous_hook = sys.unraisablehook
+  if getattr(previous_hook, "quiets_abandoned_reads", False):
+    return
+
+  def hook(unraisable):
+    if _is_abandoned_read_echo(unraisable):
+      log.debug("echo of a failed restore: %r", unraisable.exc_value)
+      return
+    previous_hook(unraisable)
+
+  hook.quiets_abandoned_reads = True
+  sys.unraisablehook = hook
 
 
 def read_tree_metadata(item_dir: str) -> dict[tuple[str, ...], Any]:
@@ -173,6 +212,7 @@ def restore_params(item_dir: str, batch_bytes: int = RESTORE_BATCH_BYTES) -> dic
   is_state = {"params", "step"} <= {path[0] for path in flat}  # a TrainState, not an import's params tree
   wanted = {path[1:] if is_state else path: meta for path, meta in flat.items() if not is_state or path[0] == "params"}
   restored: dict[tuple[str, ...], np.ndarray] = {}
+  quiet_abandoned_reads()
   checkpointer = ocp.PyTreeCheckpointer()
   try:
     for batch in _batches_by_bytes(wanted, batch_bytes):
@@ -260,6 +300,7 @@ class Checkpointer:
     Unreadable steps are set aside (newest first) until one reads; a mismatch with `abstract_state` or any other
     failure is raised with nothing moved.
     """
+    quiet_abandoned_reads()  # a failed attempt's echoes may come at any time after it
     for step in reversed(self.all_steps()):
       try:
         self.check_fits(step, abstract_state)
