@@ -22,6 +22,7 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 from playwright.sync_api import sync_playwright
 
 from scripts import predict as predict_script
@@ -34,6 +35,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's package; 
 SCREENSHOT = os.path.join(REPO, "docs", "demo.png")
 START_SECONDS = 600   # checkpoint load and compilation on a busy 2-core machine
 RESULT_MS = 300_000   # one request, on the same machine
+UPLOAD_TRY_MS = 60_000  # one try of an upload; Gradio's upload can stall on a request race, so it is tried again
 
 
 def _free_port() -> int:
@@ -82,7 +84,7 @@ def _steps(run: str) -> list[int]:
 @pytest.fixture(scope="module")
 def browser():
   with sync_playwright() as playwright:
-    chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+    chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
     yield chromium
     chromium.close()
 
@@ -104,11 +106,27 @@ def _field(page, name: str) -> str:
 
 
 def _upload(page, path: str) -> None:
-  clear = page.locator("#upload button[aria-label='Clear']")
-  if clear.count():  # a file is already there: the upload area comes back once it is cleared
-    clear.first.click()
-  page.locator("#upload input[type=file]").set_input_files(path, timeout=RESULT_MS)
-  page.locator("#upload").get_by_text(os.path.basename(path)).wait_for(timeout=RESULT_MS)  # the upload finished
+  """Puts `path` into the upload area and waits until the page lists it.
+
+  Gradio's upload (a POST and an upload-progress stream) occasionally stalls on a busy machine without an error;
+  such a try is repeated, and reported, until RESULT_MS have passed.
+  """
+  name = os.path.basename(path)
+  deadline = time.monotonic() + RESULT_MS / 1000
+  for attempt in range(1, 100):
+    clear = page.locator("#upload button[aria-label='Clear']")
+    if clear.count():  # a file is already there: the upload area comes back once it is cleared
+      clear.first.click()
+    page.locator("#upload input[type=file]").set_input_files(path, timeout=RESULT_MS)
+    try:
+      page.locator("#upload").get_by_text(name).wait_for(timeout=UPLOAD_TRY_MS)  # the upload finished
+      if attempt > 1:
+        print(f"\nupload of {name} was listed on try {attempt}")
+      return
+    except PlaywrightTimeoutError:
+      if time.monotonic() > deadline:
+        shown = page.locator("#upload").inner_text(timeout=5_000)
+        pytest.fail(f"{name} was not listed in the upload area after {attempt} tries; it shows {shown!r}")
 
 
 def _submit(page, phrase: str) -> float:
