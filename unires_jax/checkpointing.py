@@ -123,7 +123,7 @@ def _is_abandoned_read_echo(unraisable) -> bool:
 
 
 def quiet_abandoned_reads() -> None:
-  """Called before a restore: from now on, the echoes of a failed restore go to the debug log instead of stderr (idempotent).
+  """Called before a restore: from then on, echoes of a failed restore go to the debug log, not stderr (idempotent).
 
   When one array read of an Orbax restore fails, the other reads are abandoned: collected later, each raises its own
   copy of the failure, and Tensorstore reads still in flight report into the restore's closed event loop. Python
