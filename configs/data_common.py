@@ -33,6 +33,8 @@ Keys:
   system_prompt: the llava_v1 system text (unused by 'unires').
   answer_decision_weight: training loss weight of the position that predicts the answer's first token, the one
     that says target or no target (1: every answer token alike; the mean is taken over the weights).
+  no_target_decision_scale: that weight is multiplied by this for no-target answers (1: both kinds alike; above 1
+    shifts the decision towards "no target" when no-target phrases are the rarer kind).
 """
 
 from __future__ import annotations
@@ -86,4 +88,5 @@ def data_config(run: str = "toy", sources: Sequence[tuple[str, float] | str] = (
       prompt_style="unires",  # or "llava_v1" (LISA: system text, image group only; configs/lisa.py)
       system_prompt="",
       answer_decision_weight=1.0,
+      no_target_decision_scale=1.0,
   ))

@@ -313,6 +313,26 @@ def test_the_decision_weight_lands_on_the_first_answer_position_in_training_only
     pipeline.make_train_iterator(config, 0, 1)
 
 
+def test_no_target_answers_scale_the_decision_weight(split_dirs):
+  config = _config([split_dirs["main"]], toy_tokenizer_prefix=split_dirs["root"] + "/tok")
+  config.data.answer_decision_weight = 4.0
+  config.data.no_target_decision_scale = 3.0
+  batches = _take(pipeline.make_train_iterator(config, 0, 1), 4)
+  kinds = set()
+  for batch in batches:
+    for row in range(batch["loss_mask"].shape[0]):
+      answer = np.flatnonzero(batch["loss_mask"][row])
+      if not answer.size:
+        continue
+      kinds.add(bool(batch["has_target"][row]))
+      assert batch["loss_mask"][row][answer[0]] == (4.0 if batch["has_target"][row] else 12.0)
+      assert set(batch["loss_mask"][row][answer[1:]]) == {1.0}
+  assert kinds == {True, False}, "the batches need targeted and no-target samples"
+  config.data.no_target_decision_scale = 0.0
+  with pytest.raises(ValueError, match="data.no_target_decision_scale must be > 0"):
+    pipeline.make_train_iterator(config, 0, 1)
+
+
 def _take(iterator, n):
   return [next(iterator) for _ in range(n)]
 

@@ -43,6 +43,7 @@ class DataConfig:
   prompt_style: str = "unires"
   system_prompt: str = ""
   answer_decision_weight: float = 1.0
+  no_target_decision_scale: float = 1.0
 
   def __post_init__(self):
     object.__setattr__(self, "sources", tuple(
@@ -59,6 +60,8 @@ class DataConfig:
       raise ValueError(f"data.too_long {self.too_long!r}: expected one of {TOO_LONG_POLICIES}")
     if not self.answer_decision_weight > 0:
       raise ValueError(f"data.answer_decision_weight must be > 0, got {self.answer_decision_weight!r}")
+    if not self.no_target_decision_scale > 0:
+      raise ValueError(f"data.no_target_decision_scale must be > 0, got {self.no_target_decision_scale!r}")
     if any(s.weight <= 0 for s in self.sources):
       raise ValueError(f"data.sources weights must be positive, got {[s.weight for s in self.sources]}")
     if not (self.instruction_templates and self.answer_templates and self.no_target_answer_templates):

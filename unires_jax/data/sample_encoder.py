@@ -136,8 +136,8 @@ class SampleEncoder:
       kept, dropped[granularity] = select_boxes(boxes, is_target & targets_first, max_boxes)
       out[f"{granularity}_boxes"], out[f"{granularity}_box_mask"] = canvas_boxes(
           kept, height, width, layout.image_size_high, max_boxes)
-    text = encode_text(self.tokenizer, layout, instruction, answer,
-                       data.answer_decision_weight if self.train else 1.0)
+    decision_weight = data.answer_decision_weight * (1.0 if has_target else data.no_target_decision_scale)
+    text = encode_text(self.tokenizer, layout, instruction, answer, decision_weight if self.train else 1.0)
     too_long = text is None
     if too_long:
       ids = sample["ids"]
