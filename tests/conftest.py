@@ -1,7 +1,9 @@
 """Test-wide setup: 8 fake CPU devices, set before JAX initialises its backend; the toy run the checkpoint tests
 share."""
 
+import fcntl
 import os
+import shutil
 import sys
 
 import pytest
@@ -17,16 +19,35 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 
+def _run_shared_dir(tmp_path_factory):
+  """The folder the test processes of one run share: the run's base temp dir above each xdist worker's own."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
-  """A toy run (the quick config without its final evaluation) trained once per test process for every test that
-  loads a checkpoint (scripts/predict.py, the demo). Every third step is kept: step 3 still answers without
-  `[SEG]` (garbage text), the newest (80) answers "Sure, it is [SEG]." with a non-empty mask. Training steps of the
-  tiny model are cheap next to compilation (80 steps cost about the CPU time of 3)."""
+  """A toy run (the quick config without its final evaluation) trained once per test run and read by every test that
+  loads a checkpoint (scripts/predict.py, the demo): the first xdist worker to ask trains it under a file lock, the
+  others wait and read it. Every third step is kept: step 3 still answers without `[SEG]` (garbage text), the newest
+  (80) answers "Sure, it is [SEG]." with a non-empty mask. Training steps of the tiny model are cheap next to
+  compilation (80 steps cost about the CPU time of 3)."""
+  shared = _run_shared_dir(tmp_path_factory)
+  workdir = shared / "toy_run"
+  finished = shared / "toy_run.trained"
+  with open(shared / "toy_run.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if training fails
+    if not finished.exists():
+      shutil.rmtree(workdir, ignore_errors=True)  # a try that failed in another worker
+      _train_toy_run(str(workdir))
+      finished.write_text("trained\n")
+  return str(workdir)
+
+
+def _train_toy_run(workdir: str) -> None:
   import configs.toy as toy_config
   from unires_jax import run as runner
 
-  workdir = str(tmp_path_factory.mktemp("toy_run"))
   config = toy_config.get_config("quick")
   config.train.total_steps = 80
   config.train.checkpoint_every = 3
@@ -39,4 +60,3 @@ def trained_run(tmp_path_factory):
   config.evals = {}
   config.eval_splits = {}
   runner.run(config, workdir)
-  return workdir
