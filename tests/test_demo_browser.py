@@ -11,6 +11,7 @@ the seconds from the click on Segment to the shown mask.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import socket
@@ -113,7 +114,7 @@ def _upload(page, path: str) -> None:
   """
   name = os.path.basename(path)
   deadline = time.monotonic() + RESULT_MS / 1000
-  for attempt in range(1, 100):
+  for attempt in itertools.count(1):
     clear = page.locator("#upload button[aria-label='Clear']")
     if clear.count():  # a file is already there: the upload area comes back once it is cleared
       clear.first.click()
