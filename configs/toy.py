@@ -13,6 +13,7 @@ with training noise on top, and the final evaluation reads the same source.
 import ml_collections
 
 from configs import common, data_common
+from configs.eval import base as eval_base
 
 LAYOUTS = ("synthetic_grefcoco", "synthetic_cris")
 
@@ -57,12 +58,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train = common.train_config(total_steps=6 if quick else 3600, log_every=2 if quick else 100,
                                 checkpoint_every=3 if quick else 600)
   c.optim = common.optim_config(warmup_steps=2 if quick else 50)
-  # The final evaluation's boxes: the same pixel source, which reads no annotation.
-  c.eval = dict(max_new_tokens=12, generate_every_time=False, proposals=common.proposals_config("colour_regions"),
-                allow_gt_boxes=False)
-  c.eval_splits = {f"{layout}/val": f"{prepared}/{layout}/val" for layout in LAYOUTS}
-  c.evals = {
-      "synthetic_grefcoco": dict(type="synthetic", dataset="synthetic", splits={"val": f"{prepared}/synthetic_grefcoco/val"}),
-      "synthetic_cris": dict(type="synthetic", dataset="synthetic", splits={"val": f"{prepared}/synthetic_cris/val"}),
-  }
+  c.generation = dict(max_new_tokens=12)
+  # The final evaluation: both layouts' val split read from the synthetic set's files with the eval config schema
+  # (configs/eval/base.py), their boxes from the same pixel source, which reads no annotation; the held-out loss too.
+  c.evals = {layout: eval_base.eval_config(evaluator="synthetic", dataset="synthetic", reader=layout, splits=["val"],
+                                           data_dir="{workdir}/synthetic", heldout_loss=True,
+                                           proposals=common.proposals_config("colour_regions"))
+             for layout in LAYOUTS}
   return c

@@ -28,7 +28,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       frozen=("vision_low/.*", "vision_high/.*", "llm/layers/.*", "llm/norm/.*"),
       lora=dict(enabled=True, rank=8, alpha=16.0, stacked_prefixes=["llm/layers/"], targets=common.LORA_TARGETS))
   c.optim = common.optim_config(learning_rate=3e-4, warmup_steps=100, b2=0.95, weight_decay=0.0, grad_accum_steps=1)
-  c.eval = dict(max_new_tokens=16, generate_every_time=False)
-  c.eval_splits = {}
-  c.evals = {}
+  c.generation = dict(max_new_tokens=16)
+  c.evals = {}  # name → configs/eval/base.py eval_config(...)
   return c

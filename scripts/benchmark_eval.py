@@ -81,7 +81,7 @@ def model_in_the_loop(size: str, data_dir: str, work_dir: str, num_images: int, 
   import configs.toy as toy_config
   import configs.unires_7b as full_config
   from unires_jax import sharding
-  from unires_jax.data import pipeline
+  from unires_jax.data import pipeline, prompts
   from unires_jax.eval import evaluators, inference, predict_fns
   from unires_jax.train import state as state_lib
 
@@ -113,7 +113,7 @@ def model_in_the_loop(size: str, data_dir: str, work_dir: str, num_images: int, 
   dict(evaluator.run(params))
   steady_s = time.perf_counter() - start
   return {"model": size, "parameters": num_params, "dtype": config.model.dtype, "samples": samples,
-          "batch_size": batch_size, "max_new_tokens": int(config.eval.max_new_tokens),
+          "batch_size": batch_size, "max_new_tokens": prompts.max_new_tokens(config),
           "seq_len": int(config.data.max_text_len), "first_pass_s_with_compile": round(first_s, 2),
           "samples_per_s": round(samples / steady_s, 2), "devices": f"{jax.device_count()} x {jax.devices()[0].platform}"}
 

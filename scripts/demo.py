@@ -25,7 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
   parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
   parser.add_argument("--port", type=int, default=7860)
-  parser.add_argument("--max_new_tokens", type=int, default=None, help="default: the run's eval.max_new_tokens")
+  parser.add_argument("--max_new_tokens", type=int, default=None, help="default: the run's generation.max_new_tokens")
   parser.add_argument("--max_image_side", type=int, default=2048, help="longer uploads are downscaled to this")
   parser.add_argument("--max_file_size", default="50mb", help="largest upload the page accepts")
   parser.add_argument("--queue_size", type=int, default=32, help="requests that may wait; more are turned away")

@@ -143,7 +143,7 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--boxes", default="", help="JSON {'object': [[x0,y0,x1,y1],...], 'part': [...]} or a file")
   parser.add_argument("--input", default="", help="JSONL of {image, text, out[, boxes]} to run in batches")
   parser.add_argument("--batch_size", type=int, default=8, help="images per batch (rounded up to the mesh)")
-  parser.add_argument("--max_new_tokens", type=int, default=None, help="default: the run's eval.max_new_tokens")
+  parser.add_argument("--max_new_tokens", type=int, default=None, help="default: the run's generation.max_new_tokens")
   args = parser.parse_args(argv)
   requests = read_requests(args)
   if not os.path.exists(args.checkpoint):

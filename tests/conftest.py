@@ -58,5 +58,4 @@ def _train_toy_run(workdir: str) -> None:
   # split alone (objects and parts, every phrase targeted).
   config.data.sources = tuple(s for s in config.data.sources if "synthetic_cris" in s["dir"])
   config.evals = {}
-  config.eval_splits = {}
   runner.run(config, workdir)

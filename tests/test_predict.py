@@ -417,21 +417,22 @@ def test_predict_without_boxes_uses_the_runs_source_prints_and_draws_them(traine
 def test_trainer_final_evaluation_labels_ground_truth_boxes(trained_run, tmp_path):
   from configs import common
   from unires_jax import sharding
-  from unires_jax.eval import loop as eval_loop
+  from unires_jax.eval import trainer_evals
   from unires_jax.train import state as state_lib
 
   loaded = checkpoint_io.load_checkpoint(trained_run)
   config = loaded.config
   val = os.path.join(trained_run, "prepared", "synthetic_grefcoco", "val")
-  config.evals = {"synthetic/grefcoco": dict(type="grefcoco", dataset="synthetic", splits={"val": val})}
-  config.eval = dict(max_new_tokens=12, proposals=common.proposals_config("annotations"), allow_gt_boxes=True)
+  config.evals = {"synthetic/grefcoco": synthetic_eval.get_config("val")}
+  config.evals["synthetic/grefcoco"].update(type="grefcoco", data_dir=os.path.join(trained_run, "synthetic"),
+                                            proposals=common.proposals_config("annotations"), allow_gt_boxes=True)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.sharding_rules)
   model = state_lib.build_model(config.model)
   params = inference.place_params(model, config.model, loaded.params, mesh, rules)
   workdir = str(tmp_path / "run")
-  results = eval_loop.evaluate_during_training(config, model, params, lambda p: p, mesh, rules, workdir, 3,
-                                               final=True)
+  evaluate = trainer_evals.build(config, model, lambda p: p, mesh, rules, workdir)
+  results = evaluate(params, 3, final=True)
   out = os.path.join(workdir, "eval", "step_3", "synthetic_grefcoco")
   report = json.loads(open(os.path.join(out, "metrics.json")).read())
   assert report["made_with"]["box_source"] == "annotations (ground-truth boxes)"
@@ -443,7 +444,7 @@ def test_trainer_final_evaluation_labels_ground_truth_boxes(trained_run, tmp_pat
   assert sum(answers.values()) == len(records.SplitSource(val))
   assert results["eval/synthetic/grefcoco"]["val/invalid"] == answers["invalid"]
   # The evaluated records carry the ground-truth boxes as their proposals, named by source.
-  attached = records.SplitSource(os.path.join(workdir, "eval", "proposals", "synthetic_grefcoco", "val")).record(0)
+  attached = records.SplitSource(os.path.join(workdir, "eval", "prepared", "synthetic_grefcoco", "val")).record(0)
   assert attached["proposals"]["source"] == "annotations (ground-truth boxes)"
 
 

@@ -40,7 +40,6 @@ def _swap(node, old, new):
 def get_config(data_dir):
   config = toy.get_config("quick").to_dict()
   config["evals"] = {}
-  config["eval_splits"] = {}
   # Adam's epsilon at 1e-4 instead of 1e-8: parameters with round-off-sized gradients are not driven by them, so
   # runs whose reductions sum in another order (several processes) stay comparable to 1e-6.
   config["optim"]["eps"] = 1e-4

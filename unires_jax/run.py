@@ -11,26 +11,18 @@ import ml_collections
 
 from unires_jax import proposals as proposals_lib
 from unires_jax.data import pipeline
-from unires_jax.eval import box_source
-from unires_jax.eval import loop as eval_loop
+from unires_jax.eval import trainer_evals
 from unires_jax.train import loop, run_lock
 
 log = logging.getLogger(__name__)
 
 
-def evaluate(config, model, params, params_transform, mesh, rules, workdir, step, final=False) -> dict:
-  """Held-out loss on every `config.eval_splits` split and the registered evaluators of `config.evals`."""
-  return eval_loop.evaluate_during_training(config, model, params, params_transform, mesh, rules, workdir, step,
-                                            final=final)
+def make_evaluate(config, model, params_transform, mesh, rules, workdir):
+  """The loop's evaluation, built once before the first step: `config.evals` (eval/trainer_evals.py)."""
+  return trainer_evals.build(config, model, params_transform, mesh, rules, workdir)
 
 
-def _check_evals(config: ml_collections.ConfigDict) -> None:
-  """The final evaluation's box policy (ground truth refused unless allowed), checked before any training."""
-  if config.get("evals", {}):
-    box_source.check_policy(*box_source.trainer_proposals_config(config), "config.eval.proposals")
-
-
-evaluate.check = _check_evals
+make_evaluate.check = trainer_evals.check  # before any training: replaced keys, box policy, missing data
 
 
 def _synthetic_proposals(syn: ml_collections.ConfigDict) -> dict:
@@ -63,7 +55,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("toy_data_prepared")
-  summary = loop.train(config, workdir, evaluate)
+  summary = loop.train(config, workdir, make_evaluate)
   if jax.process_index() == 0:
     printable = {k: v for k, v in summary.items() if k != "state"}
     print(json.dumps(printable, indent=2, default=float))

@@ -31,6 +31,7 @@ from unires_jax.convert import mapping, model_card, shards
 from unires_jax.convert.export_files import CONFIG_FILE, HEADS_PREFIX, LORA_FILE
 from unires_jax.convert.hf_configs import clip_vit_config_to_hf, llama_config_to_hf
 from unires_jax.convert.unires import unires_parts
+from unires_jax.data import prompts
 from unires_jax.models import lora as lora_lib
 from unires_jax.models.unires import UniRESConfig
 
@@ -90,7 +91,7 @@ def prompt_settings(config: ml_collections.ConfigDict) -> dict:
   data = config.data
   return {"max_text_len": int(data.max_text_len), "instruction_template": str(data.instruction_templates[0]),
           "prompt_style": str(data.get("prompt_style", "unires")), "system_prompt": str(data.get("system_prompt", "")),
-          "max_new_tokens": int(config.get("eval", {}).get("max_new_tokens", 16))}
+          "max_new_tokens": prompts.max_new_tokens(config)}
 
 
 def _tokenizer_path(config: ml_collections.ConfigDict, override: str | None) -> str | None:

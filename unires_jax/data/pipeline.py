@@ -107,6 +107,15 @@ def _finish(dataset: grain.MapDataset, data: DataConfig, local_batch_size: int, 
   return iter(batched.map(_CountAndStrip(stats)))
 
 
+def tokenizer_model_path(config: ml_collections.ConfigDict) -> str:
+  """Where a run's tokenizer model file is: `data.tokenizer_path`, else the toy tokenizer's
+  (`<data.toy_tokenizer_prefix>.model`, default `<first source>/toy_tokenizer.model`). Checks nothing on disk."""
+  data = config.data
+  if data.get("tokenizer_path", ""):
+    return data.tokenizer_path
+  return _toy_tokenizer_prefix(DataConfig(**data.to_dict())) + ".model"
+
+
 def _toy_tokenizer_prefix(data: DataConfig) -> str:
   """Where the toy tokenizer lives (without `.model`): `data.toy_tokenizer_prefix`, default
   `<first source>/toy_tokenizer`."""
@@ -145,7 +154,7 @@ def resolve_tokenizer(config: ml_collections.ConfigDict) -> str:
   """The tokenizer model path: `data.tokenizer_path`, else the toy tokenizer's (`ensure_toy_tokenizer` makes it).
   Creates nothing: a missing file is a FileNotFoundError naming it. Checks that its ids fit `model.llm.vocab_size`."""
   data = DataConfig(**config.data.to_dict())
-  path = data.tokenizer_path or _toy_tokenizer_prefix(data) + ".model"
+  path = tokenizer_model_path(config)
   if not os.path.exists(path):
     how = ("data.tokenizer_path names no file" if data.tokenizer_path else
            "the toy tokenizer is made where a run starts (scripts/train.py, or "

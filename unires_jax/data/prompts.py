@@ -19,6 +19,8 @@ from unires_jax.data import inputs
 from unires_jax.data import tokenizer as tokenizer_lib
 from unires_jax.data import transforms
 
+DEFAULT_MAX_NEW_TOKENS = 16
+
 # token_type values (DESIGN.md batch table).
 TEXT, IMAGE_SLOT, OBJECT_SLOT, PART_SLOT = 0, 1, 2, 3
 
@@ -65,6 +67,16 @@ class Layout:
 
 
 # ---------------------------------------------------------------------------------------- the prompt
+
+
+def max_new_tokens(config: ml_collections.ConfigDict) -> int:
+  """How many tokens generation may add after the prompt: the run's `generation.max_new_tokens` (run configs saved
+  before that section existed: `eval.max_new_tokens`), else 16."""
+  for section in ("generation", "eval"):
+    value = (config.get(section, None) or {}).get("max_new_tokens", None)
+    if value is not None:
+      return int(value)
+  return DEFAULT_MAX_NEW_TOKENS
 
 
 def visual_prefix(tokenizer: tokenizer_lib.Tokenizer, layout: Layout) -> tuple[list[int], list[int]]:

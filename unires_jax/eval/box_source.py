@@ -9,7 +9,6 @@ that reads annotations (`is_ground_truth`) is refused unless `allow_gt_boxes=Tru
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,8 +24,6 @@ from unires_jax.eval import provenance
 log = logging.getLogger(__name__)
 
 STAMP = "prepared_from.json"
-# What the trainer's final evaluation uses when the run config names no `eval.proposals`.
-DEFAULT_SOURCE = "none"
 
 
 def check_policy(proposals_config: ml_collections.ConfigDict, allow_gt_boxes: bool, where: str) -> None:
@@ -45,16 +42,6 @@ def eval_source(proposals_config: ml_collections.ConfigDict, allow_gt_boxes: boo
   if source.is_ground_truth:
     log.warning("%s: evaluating with ground-truth boxes (%s); the results say so", where, source.describe())
   return source
-
-
-def trainer_proposals_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, bool]:
-  """The run's `eval.proposals` section and `eval.allow_gt_boxes`; `none` (logged) when the run names none."""
-  eval_cfg = config.get("eval", None) or ml_collections.ConfigDict()
-  section = eval_cfg.get("proposals", None)
-  if section is None:
-    log.info("config.eval.proposals is not set: the final evaluation uses source %r (no boxes)", DEFAULT_SOURCE)
-    section = ml_collections.ConfigDict({"source": DEFAULT_SOURCE})
-  return section, bool(eval_cfg.get("allow_gt_boxes", False))
 
 
 def made_with(source: proposals_lib.ProposalSource, sentence_mode: str, checkpoint: str,
@@ -79,13 +66,6 @@ def eval_run_config(run_config: ml_collections.ConfigDict, batch_size: int | Non
 
 def source_stamp(source: proposals_lib.ProposalSource, proposals_config: ml_collections.ConfigDict) -> dict:
   return {"source": source.describe(), "proposals": proposals_config.to_dict()}
-
-
-def split_stamp(split_dir: str) -> dict:
-  """What identifies a prepared split's content: its path and a digest of its index.json."""
-  with open(os.path.join(split_dir, records_lib.INDEX), "rb") as f:
-    digest = hashlib.sha256(f.read()).hexdigest()
-  return {"split_dir": os.path.abspath(split_dir), "index_sha256": digest}
 
 
 def _stamp_matches(out_dir: str, stamp: dict) -> bool:
@@ -117,21 +97,17 @@ def prepare_split(records_fn: Callable[[], Iterable[dict]], source: proposals_li
   return out_dir
 
 
-def split_records(split_dir: str) -> Callable[[], Iterable[dict]]:
-  """The records of a prepared split, in order (for re-attaching proposals to it)."""
-  def records() -> Iterable[dict]:
-    source = records_lib.SplitSource(split_dir)
-    for index in range(source.num_records):
-      yield source.record(index)
-  return records
+def prepare_benchmark_splits(eval_config: ml_collections.ConfigDict, cache_dir: str,
+                             source: proposals_lib.ProposalSource) -> dict[str, str]:
+  """{split: prepared split dir} for an eval config (configs/eval/base.py): each of `splits` read from `data_dir`
+  through `reader`, the source's proposals attached, written as records under `cache_dir/<split>`; a split already
+  prepared from the same reader, data_dir, options and source is reused."""
+  from unires_jax.data import datasets
 
-
-def attach_to_prepared(split_dirs: dict[str, str], source: proposals_lib.ProposalSource,
-                       proposals_config: ml_collections.ConfigDict, out_root: str, dataset: str) -> dict[str, str]:
-  """{split: prepared dir} → {split: a copy under `out_root/<split>` with the source's proposals}."""
-  out = {}
-  for split, split_dir in split_dirs.items():
-    stamp = {**split_stamp(split_dir), **source_stamp(source, proposals_config)}
-    out[split] = prepare_split(split_records(split_dir), source, os.path.join(out_root, split), stamp,
-                               dataset=dataset, split=split)
-  return out
+  read = datasets.DATASETS.lookup(eval_config.reader)
+  options = {k: v for k, v in eval_config.reader_options.to_dict().items() if v not in ("", None)}
+  stamp = {"reader": eval_config.reader, "data_dir": os.path.abspath(eval_config.data_dir), "options": options,
+           **source_stamp(source, eval_config.proposals)}
+  return {split: prepare_split(lambda split=split: read(eval_config.data_dir, split, **options), source,
+                               os.path.join(cache_dir, split), stamp, dataset=eval_config.dataset, split=split)
+          for split in eval_config.splits}

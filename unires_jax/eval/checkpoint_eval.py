@@ -10,29 +10,13 @@ import os
 
 import ml_collections
 
-from unires_jax import proposals as proposals_lib
 from unires_jax import sharding
-from unires_jax.data import datasets, pipeline
+from unires_jax.data import pipeline
 from unires_jax.data import tokenizer as tokenizer_lib
 from unires_jax.eval import answers, box_source, checkpoint_io, evaluators, inference, predict_fns, provenance
 from unires_jax.models.unires import build_model
 
 log = logging.getLogger(__name__)
-
-
-def _prepare_splits(config: ml_collections.ConfigDict, cache_dir: str,
-                    source: proposals_lib.ProposalSource) -> dict[str, str]:
-  """{split: prepared split dir}: the benchmark read through its reader, the source's proposals attached, written
-  as records under `cache_dir`; a split already prepared from the same reader, data_dir, options and source is
-  reused."""
-  read = datasets.DATASETS.lookup(config.reader)
-  options = {k: v for k, v in config.reader_options.to_dict().items() if v not in ("", None)}
-  stamp = {"reader": config.reader, "data_dir": os.path.abspath(config.data_dir), "options": options,
-           **box_source.source_stamp(source, config.proposals)}
-  return {split: box_source.prepare_split(lambda split=split: read(config.data_dir, split, **options), source,
-                                          os.path.join(cache_dir, split), stamp, dataset=config.dataset,
-                                          split=split)
-          for split in config.splits}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +54,7 @@ def write_predictions(config: ml_collections.ConfigDict) -> WrittenPredictions:
   mesh = sharding.make_mesh(run_config.mesh)
   rules = sharding.rules_from_config(run_config.sharding_rules)
   sharding.check_batch_fits_mesh(int(config.batch_size), mesh, "config.batch_size")
-  split_dirs = _prepare_splits(config, os.path.join(output_dir, "prepared"), source)
+  split_dirs = box_source.prepare_benchmark_splits(config, os.path.join(output_dir, "prepared"), source)
 
   model = build_model(run_config.model)
   params = inference.place_params(model, run_config.model, loaded.params, mesh, rules)

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from unires_jax.convert import checkpoints as checkpoints_lib
+from unires_jax.data import pipeline
 from unires_jax.models import lora as lora_lib
 from unires_jax import checkpointing
 
@@ -51,38 +52,26 @@ def rebase_path(path: str, workdir: str, exists: Callable[[str], bool] = os.path
 
 
 def resolve_tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The run's tokenizer model file: `data.tokenizer_path`, else `<data.toy_tokenizer_prefix>.model`, else the toy
-  tokenizer beside the first prepared source; each also looked up under `workdir`. Never trains a new one: a
-  tokenizer other than the run's would give the model different ids."""
-  data = config.data
-  candidates = []
-  if data.get("tokenizer_path"):
-    candidates.append(data.tokenizer_path)
-  else:
-    if data.get("toy_tokenizer_prefix"):
-      candidates.append(data.toy_tokenizer_prefix + ".model")
-    if data.get("sources"):
-      candidates.append(os.path.join(data.sources[0]["dir"], "toy_tokenizer.model"))
-  for candidate in candidates:
-    found = rebase_path(candidate, workdir)
-    if os.path.isfile(found):
-      return found
-  raise FileNotFoundError(f"tokenizer of the run in {workdir!r} not found: looked for {candidates} (from "
-                          f"data.tokenizer_path / data.toy_tokenizer_prefix in its config.json) and for their "
-                          f"trailing components under the workdir")
+  """The run's tokenizer model file (`pipeline.tokenizer_model_path`), also looked up under `workdir`. Never trains
+  a new one: a tokenizer other than the run's would give the model different ids."""
+  expected = pipeline.tokenizer_model_path(config)
+  found = rebase_path(expected, workdir)
+  if os.path.isfile(found):
+    return found
+  raise FileNotFoundError(f"tokenizer of the run in {workdir!r} not found: looked for {expected!r} (from "
+                          f"data.tokenizer_path / data.toy_tokenizer_prefix / data.sources in its config.json) and for "
+                          f"its trailing components under the workdir")
 
 
 def resolve_run_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """A copy of the run config with its tokenizer resolved into `data.tokenizer_path` and the prepared-split paths
-  (data.sources, eval_splits, evals) rebased onto `workdir` where they moved."""
+  """A copy of the run config with its tokenizer resolved into `data.tokenizer_path` and its data locations
+  (data.sources, each `evals[name].data_dir`) rebased onto `workdir` where they moved."""
   resolved = ml_collections.ConfigDict(config.to_dict())
   resolved.data.tokenizer_path = resolve_tokenizer_path(config, workdir)
   resolved.data.sources = [dict(s, dir=rebase_path(s["dir"], workdir)) for s in config.data.get("sources", [])]
-  if "eval_splits" in resolved:
-    resolved.eval_splits = {k: rebase_path(v, workdir) for k, v in config.eval_splits.items()}
-  if "evals" in resolved:
-    for name, eval_cfg in config.evals.items():
-      resolved.evals[name].splits = {k: rebase_path(v, workdir) for k, v in eval_cfg.splits.items()}
+  for name, eval_cfg in config.get("evals", {}).items():
+    if eval_cfg.get("data_dir", ""):
+      resolved.evals[name].data_dir = rebase_path(eval_cfg.data_dir, workdir)
   return resolved
 
 

@@ -275,8 +275,15 @@ class Evaluator:
                                                               ids["sent_id"], empty, no_target=True))
     return {"samples": int(seen.size), "missing": int(missing.size)}
 
-  def run(self, params) -> Iterator[tuple[str, float]]:
-    """Yields `(f"{split}/{metric}", value)` per split; writes the output files after the last split."""
+  def run(self, params, *, output_dir: str | None = None,
+          made_with: provenance.MadeWith | None = None) -> Iterator[tuple[str, float]]:
+    """Yields `(f"{split}/{metric}", value)` per split; writes the output files after the last split. Given,
+    `output_dir` and `made_with` replace the constructor's from this run on (the trainer's evaluator, built once,
+    writes each step's results in their own folder)."""
+    if output_dir is not None:
+      self.output_dir = output_dir
+    if made_with is not None:
+      self.made_with = made_with
     path = self._predictions_path()
     writer = predictions_lib.PredictionsWriter(path) if path else None
     split_reports, invalid = {}, ({} if self.answer_parser is not None else None)

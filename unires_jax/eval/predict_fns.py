@@ -12,17 +12,16 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from unires_jax import sharding
-from unires_jax.data import pipeline
+from unires_jax.data import pipeline, prompts
 from unires_jax.data import tokenizer as tokenizer_lib
 from unires_jax.eval import inference
-
 
 def make_predict_fn(model, config, mesh, rules, params_transform: Callable = lambda p: p) -> Callable:
   """predict_fn(params, local_batch) → this process's rows of {'mask_logits', 'has_seg', 'tokens'}."""
   tokenizer = tokenizer_lib.Tokenizer(pipeline.resolve_tokenizer(config))
   generate = inference.make_generate_fn(
       model, seg_id=tokenizer.special_id(tokenizer_lib.SEG_TOKEN), eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-      max_new_tokens=int(config.get("eval", {}).get("max_new_tokens", 16)), params_transform=params_transform)
+      max_new_tokens=prompts.max_new_tokens(config), params_transform=params_transform)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     jitted = jax.jit(generate)
 

@@ -77,7 +77,7 @@ class Predictor:
     loaded = checkpoint_io.load_checkpoint(checkpoint, step)
     config = ml_collections.ConfigDict(loaded.config.to_dict())
     if max_new_tokens is not None:
-      config.eval = dict(config.eval.to_dict() if "eval" in config else {}, max_new_tokens=int(max_new_tokens))
+      config.generation = dict(config.get("generation", {}), max_new_tokens=int(max_new_tokens))
     self.config = config
     self.checkpoint, self.step = os.path.dirname(loaded.item_dir), loaded.step
     self.mesh = sharding.make_mesh(config.mesh, devices)

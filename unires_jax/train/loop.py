@@ -59,9 +59,6 @@ def check_config(config: ml_collections.ConfigDict, mesh, check_evals: Callable 
                               f"(run scripts/prepare_data.py, or use configs/toy.py which generates its data)")
   if not config.data.sources:
     raise ValueError("data.sources is empty: expected at least one prepared split directory")
-  for source in config.get("eval_splits", {}).values():
-    if not os.path.isdir(source):
-      raise FileNotFoundError(f"eval_splits: prepared split directory {source!r} does not exist")
   if check_evals is not None:
     check_evals(config)  # e.g. the final evaluation's box policy, before any training
 
@@ -155,28 +152,29 @@ def load_initial_params(path: str, fresh_params: Any, param_shardings: Any) -> A
   return placed
 
 
-# What the loop is handed to evaluate (unires_jax/run.py builds it from eval/): `evaluate(config, model, params,
-# params_transform, mesh, rules, workdir, step, final) -> {prefix: {metric: value}}`, and `evaluate.check(config)`
-# (optional) to refuse an evaluation config before any training.
-Evaluate = Callable[..., dict]
+# What the loop is handed to evaluate (unires_jax/run.py builds it from eval/): `make_evaluate(config, model,
+# params_transform, mesh, rules, workdir)`, called once before the first step, returns `evaluate(params, step,
+# final) -> {prefix: {metric: value}}` (or None: nothing to evaluate); `make_evaluate.check(config)` (optional)
+# refuses an evaluation config before anything is built.
+MakeEvaluate = Callable[..., Callable[..., dict] | None]
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, evaluate: Evaluate | None = None) -> dict:
+def train(config: ml_collections.ConfigDict, workdir: str, make_evaluate: MakeEvaluate | None = None) -> dict:
   """Runs (or resumes) training to `config.train.total_steps`; returns the last logged metrics and paths.
 
   The workdir is locked for the run (`run_lock`): a second trainer on it is refused before it touches anything.
-  Without `evaluate` no evaluation runs (train/ does not import eval/).
+  Without `make_evaluate` no evaluation runs (train/ does not import eval/).
   """
   with run_lock.hold(workdir):
-    return _train(config, workdir, evaluate)
+    return _train(config, workdir, make_evaluate)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, evaluate: Evaluate | None) -> dict:
+def _train(config: ml_collections.ConfigDict, workdir: str, make_evaluate: MakeEvaluate | None) -> dict:
   config = resolve_workdir_paths(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.sharding_rules)
   sharding.check_batch_rule(rules)
-  check_config(config, mesh, getattr(evaluate, "check", None))
+  check_config(config, mesh, getattr(make_evaluate, "check", None))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -205,6 +203,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, evaluate: Evaluate |
     log.info("parameters: %s total, %s trainable", f"{counts[0]:,}", f"{counts[1]:,}")
 
   pipeline.ensure_toy_tokenizer(config)  # every process: a race writes the same model, renamed into place
+  evaluate = make_evaluate(config, model, params_transform, mesh, rules, workdir) if make_evaluate else None
   train_iter = pipeline.make_train_iterator(config)
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), save_every=int(train_cfg.checkpoint_every),
@@ -270,7 +269,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, evaluate: Evaluate |
       saved = checkpointer.save(step, state, train_iter, force=(step == total))
       eval_every = int(train_cfg.get("eval_every", 0))
       if eval_every and step % eval_every == 0 and step < total:
-        run_evals(evaluate, config, model, state.params, params_transform, mesh, rules, workdir, step, writer)
+        run_evals(evaluate, state.params, step, writer)
       if preemption.requested:
         log.warning("SIGTERM received: saving a checkpoint at step %d and exiting", step)
         if not saved:
@@ -288,8 +287,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, evaluate: Evaluate |
   summary = {"step": step, "compile_s": compile_s, "flops_per_step": flops_per_step, "last_metrics": last,
              "workdir": os.path.abspath(workdir)}
   if step >= total and not preemption.requested:
-    summary["evals"] = run_evals(evaluate, config, model, state.params, params_transform, mesh, rules, workdir,
-                                 step, writer, final=True)
+    summary["evals"] = run_evals(evaluate, state.params, step, writer, final=True)
   checkpointer.close()
   writer.close()
   summary["peak_host_memory_mb"] = perf.peak_host_memory_mb()
@@ -300,12 +298,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, evaluate: Evaluate |
   return summary
 
 
-def run_evals(evaluate: Evaluate | None, config, model, params, params_transform, mesh, rules, workdir, step, writer,
-              final=False) -> dict:
+def run_evals(evaluate: Callable[..., dict] | None, params, step: int, writer, final: bool = False) -> dict:
   """The handed evaluation (held-out loss, registered evaluators) at `step`, logged and written as scalars."""
   if evaluate is None:
     return {}
-  results = evaluate(config, model, params, params_transform, mesh, rules, workdir, step, final=final)
+  results = evaluate(params, step, final=final)
   for prefix, values in results.items():
     writer.scalars(step, {k: v for k, v in values.items() if isinstance(v, (int, float))}, prefix=prefix)
     if jax.process_index() == 0:
