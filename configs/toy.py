@@ -51,8 +51,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.answer_decision_weight = 16.0
   # No-target phrases are one sample in five of the mix (40% of the gRefCOCO-layout split, none in the CRIS one);
   # with equal weights the greedy decision leaned to "target" (N-acc 69, T-acc 98 on the gRefCOCO-layout val
-  # split), so their decision position weighs 1.5 times as much (N-acc 78, T-acc 92; 2.0 gave N-acc 82 but part
-  # mIoU 46).
+  # split), so their decision position weighs 1.5 times as much (two runs: N-acc 78 and 68; 2.0 gave N-acc 82 but
+  # part mIoU 46; README "What the main job gives").
   c.data.no_target_decision_scale = 1.5
 
   c.train = common.train_config(total_steps=6 if quick else 3600, log_every=2 if quick else 100,
