@@ -6,6 +6,7 @@ for data generation and compilation (the shared machine has few cores)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -17,6 +18,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+
+# The training runs share one data set and reference run: one xdist worker runs them all, one after another.
+pytestmark = pytest.mark.xdist_group("train_runs")
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 TRAIN_SCRIPT = os.path.join(REPO, "scripts", "train.py")
@@ -48,23 +52,23 @@ def get_config(data_dir):
 
 
 class TrainRunner:
-  """Builds `scripts/train.py` command lines and environments around one shared data set and compile cache."""
+  """Builds `scripts/train.py` command lines and environments around one shared data set; the runs use the test
+run's persistent compilation cache (conftest.py), which every test process shares."""
 
   def __init__(self, root: str):
     self.root = root
     self.config_path = os.path.join(root, "train_test_config.py")
     self.data_dir = os.path.join(root, "data")
-    self.cache_dir = os.path.join(root, "compile_cache")
-    os.makedirs(self.cache_dir, exist_ok=True)
     with open(self.config_path, "w") as f:
       f.write(TEST_CONFIG)
 
   def env(self, device_count: int | None = 8) -> dict[str, str]:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={device_count}" if device_count else ""
-    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=self.cache_dir,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-               PYTHONUNBUFFERED="1")
+    # conftest.py's XLA flags without its device count, which each run sets itself (or leaves to --cpu_devices).
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    if device_count:
+      flags.append(f"--xla_force_host_platform_device_count={device_count}")
+    env.update(XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     return env
 
   def command(self, workdir: str, *overrides: str, data_dir: str | None = None) -> list[str]:
@@ -99,7 +103,7 @@ def load_state(workdir: str, step: int) -> dict:
   return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
-def assert_states_equal(expected: dict, actual: dict, atol: float = 0.0) -> None:
+def assert_states_equal(expected: dict, actual: dict, atol: float = 0.0, rtol: float = 0.0) -> None:
   """Every leaf of the train state (params, optimizer moments, step) matches; names the first that differs."""
   expected_leaves = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
   actual_leaves = dict(jax.tree_util.tree_flatten_with_path(actual)[0])
@@ -107,24 +111,29 @@ def assert_states_equal(expected: dict, actual: dict, atol: float = 0.0) -> None
   for path, value in expected_leaves.items():
     other = actual_leaves[path]
     name = jax.tree_util.keystr(path)
-    if atol:
-      np.testing.assert_allclose(other, value, rtol=0, atol=atol, err_msg=name)
+    if atol or rtol:
+      np.testing.assert_allclose(other, value, rtol=rtol, atol=atol, err_msg=name)
     else:
       assert np.array_equal(value, other), f"{name} differs: max |Δ| {np.max(np.abs(value - other))}"
 
 
 def reference_run(runner: TrainRunner) -> str:
-  """The uninterrupted run (one process, 8 devices); run once and reused."""
+  """The uninterrupted run (one process, 8 devices): run once per test run, by the first process to ask, under a
+  file lock that the others wait on."""
   workdir = os.path.join(runner.root, "reference")
-  if not os.path.exists(os.path.join(workdir, "train_summary.json")):
-    shutil.rmtree(workdir, ignore_errors=True)
-    runner.run(workdir)
+  with open(os.path.join(runner.root, "reference.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the run fails
+    if not os.path.exists(os.path.join(workdir, "train_summary.json")):
+      shutil.rmtree(workdir, ignore_errors=True)
+      runner.run(workdir)
   return workdir
 
 
 def shared_runner(tmp_path_factory) -> TrainRunner:
-  """One runner root per test session, so the training test modules share the data, cache and reference run."""
-  root = tmp_path_factory.getbasetemp() / "train_runs"
+  """One runner root per test run, above the xdist workers' own temp dirs, so the training test modules of every
+  worker share the data and the reference run."""
+  base = tmp_path_factory.getbasetemp()
+  root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "train_runs"
   root.mkdir(exist_ok=True)
   return TrainRunner(str(root))
 

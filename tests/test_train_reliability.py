@@ -14,6 +14,9 @@ from test_train import (REPO, TOTAL_STEPS, assert_states_equal, committed_steps,
                         shared_runner)
 from unires_jax.train import run_lock
 
+# With test_train.py on one xdist worker: they share its data set and reference run.
+pytestmark = pytest.mark.xdist_group("train_runs")
+
 
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):
