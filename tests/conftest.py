@@ -40,20 +40,21 @@ def pytest_collection_modifyitems(config, items):
   items.sort(key=start_order)  # stable: the collection order holds within each class
 
 
-def _run_shared_dir(tmp_path_factory):
+@pytest.fixture(scope="session")
+def run_shared_dir(tmp_path_factory):
   """The folder the test processes of one run share: the run's base temp dir above each xdist worker's own."""
   base = tmp_path_factory.getbasetemp()
   return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory):
+def trained_run(run_shared_dir):
   """A toy run (the quick config without its final evaluation) trained once per test run and read by every test that
   loads a checkpoint (scripts/predict.py, the demo): the first xdist worker to ask trains it under a file lock, the
   others wait and read it. Every third step is kept: step 3 still answers without `[SEG]` (garbage text), the newest
   (80) answers "Sure, it is [SEG]." with a non-empty mask. Training steps of the tiny model are cheap next to
   compilation (80 steps cost about the CPU time of 3)."""
-  shared = _run_shared_dir(tmp_path_factory)
+  shared = run_shared_dir
   workdir = shared / "toy_run"
   finished = shared / "toy_run.trained"
   with open(shared / "toy_run.lock", "w") as lock:

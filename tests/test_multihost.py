@@ -26,8 +26,8 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path, tmp_path_factory):
-  runner = shared_runner(tmp_path_factory)
+def test_two_processes_match_one_process(tmp_path, run_shared_dir):
+  runner = shared_runner(run_shared_dir)
   reference = reference_run(runner)  # also generates the shared data before the two processes start
 
   workdir = str(tmp_path / "two_processes")

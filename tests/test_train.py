@@ -129,18 +129,17 @@ def reference_run(runner: TrainRunner) -> str:
   return workdir
 
 
-def shared_runner(tmp_path_factory) -> TrainRunner:
-  """One runner root per test run, above the xdist workers' own temp dirs, so the training test modules of every
-  worker share the data and the reference run."""
-  base = tmp_path_factory.getbasetemp()
-  root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "train_runs"
+def shared_runner(run_shared_dir) -> TrainRunner:
+  """One runner root per test run (conftest.py's `run_shared_dir`), so the training test modules of every worker
+  share the data and the reference run."""
+  root = run_shared_dir / "train_runs"
   root.mkdir(exist_ok=True)
   return TrainRunner(str(root))
 
 
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory) -> TrainRunner:
-  return shared_runner(tmp_path_factory)
+def runner(run_shared_dir) -> TrainRunner:
+  return shared_runner(run_shared_dir)
 
 
 def signal_after_first_checkpoint(runner: TrainRunner, workdir: str, signum: int) -> tuple[subprocess.Popen, str]:

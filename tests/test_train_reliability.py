@@ -19,8 +19,8 @@ pytestmark = pytest.mark.xdist_group("train_runs")
 
 
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory):
-  return shared_runner(tmp_path_factory)
+def runner(run_shared_dir):
+  return shared_runner(run_shared_dir)
 
 
 def _short_error(result: subprocess.CompletedProcess, quiet: bool = True) -> str:
