@@ -4,7 +4,7 @@ Each module is a random HF transformers module whose weights reach JAX through t
 (`unires_jax.convert`); the whole UniRES forward goes the other way (random JAX params exported to the PyTorch
 reimplementation, `unires_jax.torch_model`). Per module: max-abs difference of the outputs, JAX compile time,
 medians of JAX and PyTorch (repeats alternate between the two, so machine load hits both alike), the ratio
-(PyTorch time ÷ JAX time: above 1 means JAX is faster) and the achieved FLOP/s (XLA's FLOP count ÷ time) as a
+(PyTorch time ÷ JAX time: above 1 means JAX is faster) and the achieved FLOP/s (FLOPs counted on the PyTorch side by `torch.utils.flop_counter` ÷ time) as a
 share of a 4096² float32 matmul measured in the same run. The load average is recorded with the figures.
 
     python scripts/benchmark_vs_torch.py --preset small                      # a few minutes
@@ -82,8 +82,8 @@ class Pair:
   torch_fn: Callable  # called with no arguments, under no_grad
   compare: Callable[[object, object], float]  # (jax output, torch output) → max-abs difference
   extra: Callable[[object, object], dict] | None = None  # more fields from the two outputs
-  count_flops: bool = True  # False where XLA's count would not be the work done (a loop counts its body once)
-  one_step: tuple[Callable, Callable] | None = None  # (jax, torch) generating one token: for the per-token time
+  count_flops: bool = True  # False where a FLOP/s share says nothing (decoding is bound by memory bandwidth)
+  one_step: tuple[Callable, Callable] | None = None  # (jax on `jax_args`, torch) generating one token
 
 
 def _randomise(model: torch.nn.Module, seed: int, scale: float = 0.02) -> None:
@@ -192,9 +192,12 @@ def decode_pair(preset: dict) -> Pair:
     return dict(tokens_equal=equal, tokens=steps)
 
   one = jax_generate(1)
+  # The per-layer decode weights are prepared once, as after loading a checkpoint for generation; PyTorch's live in
+  # its modules.
+  decode_params = llm.prepare_decode_params(params, cfg)
   return Pair("greedy decode", f"{length}-token prompt + {steps} new tokens, same LLaMA", jax_generate(steps),
-              (params,), generate, lambda j, t: float(np.max(np.asarray(j) != t.numpy())), extra=extra,
-              count_flops=False, one_step=(lambda: one(params), lambda: generate(1)))
+              (decode_params,), generate, lambda j, t: float(np.max(np.asarray(j) != t.numpy())), extra=extra,
+              count_flops=False, one_step=(one, lambda: generate(1)))
 
 
 @PAIRS.register("mask_decoder")
@@ -262,19 +265,45 @@ def unires_pair(preset: dict) -> Pair:
               lambda j, t: _max_abs(j, t.numpy()))
 
 
+def _torch_flops(torch_fn: Callable) -> float:
+  """FLOPs of one PyTorch call (matmuls, convolutions, attention; 2 per multiply-add) by `torch.utils.flop_counter`,
+  which counts every layer. XLA's own count (`cost_analysis`) counts a scanned layer stack's body once."""
+  from torch.utils._python_dispatch import TorchDispatchMode
+  from torch.utils.flop_counter import flop_registry
+
+  class Count(TorchDispatchMode):  # FlopCounterMode's count without its module tracker, which refuses outputs
+    total = 0                       # that are parameters (the exported model's prompt encoder returns one)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+      kwargs = kwargs or {}
+      out = func(*args, **kwargs)
+      count = flop_registry.get(func._overloadpacket)
+      if count is not None:
+        self.total += count(*args, **kwargs, out_val=out)
+      return out
+
+  with torch.no_grad(), Count() as counter:
+    torch_fn()
+  return float(counter.total)
+
+
 def measure(pair: Pair, repeats: int, peak_flops_per_s: float) -> dict:
-  """Compile, one warm-up each, then `repeats` alternating timed calls of JAX and PyTorch; medians."""
+  """Compile, one warm-up each, then `repeats` alternating timed calls of JAX and PyTorch; medians.
+
+  The JAX inputs (weights included) are put on the device once, as PyTorch's live in its tensors: a numpy argument
+  would be copied to the device on every call."""
+  jax_args = jax.block_until_ready(jax.device_put(pair.jax_args))
   start = time.perf_counter()
-  compiled = pair.jax_fn.lower(*pair.jax_args).compile()
+  compiled = pair.jax_fn.lower(*jax_args).compile()
   compile_s = time.perf_counter() - start
-  flops = perf.compiled_flops(compiled) if pair.count_flops else 0.0
-  jax_out = jax.block_until_ready(compiled(*pair.jax_args))
+  flops = _torch_flops(pair.torch_fn) if pair.count_flops else 0.0
+  jax_out = jax.block_until_ready(compiled(*jax_args))
   with torch.no_grad():
     torch_out = pair.torch_fn()
   jax_times, torch_times = [], []
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(compiled(*pair.jax_args))
+    jax.block_until_ready(compiled(*jax_args))
     jax_times.append(time.perf_counter() - start)
     start = time.perf_counter()
     with torch.no_grad():
@@ -289,13 +318,14 @@ def measure(pair: Pair, repeats: int, peak_flops_per_s: float) -> dict:
   if pair.extra is not None:
     row.update(pair.extra(jax_out, torch_out))
   if pair.one_step is not None:
-    row.update(_per_token(pair.one_step, row, repeats))
+    row.update(_per_token(pair.one_step, jax_args, row, repeats))
   return row
 
 
-def _per_token(one_step: tuple[Callable, Callable], row: dict, repeats: int) -> dict:
+def _per_token(one_step: tuple[Callable, Callable], jax_args: tuple, row: dict, repeats: int) -> dict:
   """Seconds per new token after the first, (time of n tokens − time of one) ÷ (n − 1), both sides alternating."""
-  jax_one, torch_one = one_step
+  jax_fn_one, torch_one = one_step
+  jax_one = functools.partial(jax_fn_one, *jax_args)
   jax.block_until_ready(jax_one())  # compiles
   jax_times, torch_times = [], []
   for _ in range(repeats):

@@ -28,7 +28,7 @@ ALLOWED = {
     "run": {"core", "models", "data", "convert", "proposals", "eval", "train"},  # run.py: joins train and eval
 }
 CORE_MODULES = {"registry", "sharding", "perf", "cli", "errors", "pixel_stats", "tree_paths", "checkpointing",
-                "__init__"}
+                "xla_defaults", "__init__"}
 
 
 def part_of(module: str) -> str:

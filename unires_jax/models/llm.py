@@ -242,9 +242,20 @@ def with_decode_layers(llm_params: Any, config: LlamaConfig) -> Any:
   """
   if not config.scan_layers or config.decode_layers != "unstacked":
     return llm_params
+  if DECODE_LAYERS_KEY in llm_params and "layers" not in llm_params:  # `prepare_decode_params` ran already
+    return llm_params
   if "layers" not in llm_params:
     raise KeyError(f"with_decode_layers: the Llama params have no stacked 'layers' (keys {sorted(llm_params)})")
   return {**llm_params, DECODE_LAYERS_KEY: _unstack(llm_params["layers"], config.num_layers)}
+
+
+def prepare_decode_params(llm_params: Any, config: LlamaConfig) -> Any:
+  """`with_decode_layers` without the stack: params for generation only, prepared once (e.g. after loading) so that
+  no generate call copies the weights again and memory holds one copy. Generation-only: training reads the stack."""
+  prepared = with_decode_layers(llm_params, config)
+  if prepared is llm_params:
+    return llm_params
+  return {key: value for key, value in prepared.items() if key != "layers"}
 
 
 def init_cache(model: Llama, batch_size: int) -> Any:
@@ -271,10 +282,14 @@ def greedy_generate(model: Llama, params: Any, prompt_ids: jax.Array, prompt_mas
     raise ValueError(f"prompt length {prompt_ids.shape[1]} + {steps} steps exceeds max_seq_len {cfg.max_seq_len}")
   params = with_decode_layers(params, cfg)
   call = functools.partial(model.apply, method=Llama.token_logits, mutable=["cache"])
-  logits, variables = call({"params": params, "cache": init_cache(model, prompt_ids.shape[0])}, prompt_ids,
-                           prompt_mask, None, True)  # [B, Lp, V]
   last = jnp.sum(prompt_mask.astype(jnp.int32), axis=1) - 1  # [B]
-  first_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]  # [B, V]
+
+  def prefill(module: Llama) -> jax.Array:  # the head runs on each row's last prompt token only
+    hidden = module(module.embed(prompt_ids), prompt_mask, None, True)  # [B, Lp, D]
+    return module.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1))[:, 0]  # [B, V]
+
+  first_logits, variables = model.apply({"params": params, "cache": init_cache(model, prompt_ids.shape[0])},
+                                        method=prefill, mutable=["cache"])
 
   def step(carry, _):
     cache, chosen_logits = carry

@@ -53,6 +53,9 @@ class Projection(nn.Module):
   fan_in_axes: tuple[int, ...]
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  # > 1: x's last `merged_in` axes (the kernel's first) are contracted as one flat axis, a plain matmul. For o_proj
+  # in decoding, the einsum form let XLA:CPU transpose the whole [H, Dh, D] kernel at every token.
+  merged_in: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -60,6 +63,10 @@ class Projection(nn.Module):
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=self.fan_in_axes,
                                             out_axis=fan_out_axes)
     kernel = self.param("kernel", logical_init(init, self.names), self.shape, self.param_dtype)
+    if self.merged_in > 1:
+      flat_x = x.reshape(*x.shape[:-self.merged_in], -1)  # [..., F]
+      flat_kernel = kernel.reshape(-1, *kernel.shape[self.merged_in:])  # [F, ...]
+      return jnp.tensordot(flat_x.astype(self.dtype), flat_kernel.astype(self.dtype), axes=1)
     return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
 
 
@@ -90,9 +97,9 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def _project(self, equation: str, shape: tuple[int, ...], names: tuple[str, ...], fan_in_axes: tuple[int, ...],
-               name: str) -> "Projection":
+               name: str, merged_in: int = 0) -> "Projection":
     return Projection(equation, shape, names, fan_in_axes, dtype=self.dtype, param_dtype=self.param_dtype,
-                      name=name)
+                      merged_in=merged_in, name=name)
 
   def _update_cache(self, key: jax.Array, value: jax.Array, attention_mask: jax.Array):
     """Writes this call's keys/values/mask at the next free slots; returns the whole cache and the first slot."""
@@ -146,4 +153,4 @@ class Attention(nn.Module):
     attended = attend(query, key, value, allowed, cfg.attention_impl, self.dtype)  # [B, L, H, Dh]
     attended = with_logical_constraint(attended, ("activation_batch", "activation_length", "activation_heads", None))
     return self._project("blnk,nkd->bld", (heads, head_dim, embed), ("heads", "head_dim", "embed"), (0, 1),
-                         "o_proj")(attended)
+                         "o_proj", merged_in=2)(attended)
