@@ -29,7 +29,7 @@ def _llm(vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, mlp_dim, 
               num_kv_heads=num_kv_heads, head_dim=hidden_size // num_heads, mlp_dim=mlp_dim,
               rope_theta=10000.0, rms_norm_eps=1e-5, tie_embeddings=tie_embeddings, max_seq_len=max_seq_len,
               scan_layers=True, remat_policy="nothing_saveable",
-              attention_impl="xla",  # "xla" | "cudnn" (GPU) | "einsum" (reference)
+              attention_impl="xla",  # "xla" | "cudnn" (GPU) | "splash" (TPU kernel) | "einsum" (reference)
               decode_layers="unstacked")  # "unstacked" (per-layer weights while decoding) | "scan"
 
 

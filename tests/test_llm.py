@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from unires_jax import sharding
-from unires_jax.models import llm, llm_attention
+from unires_jax.models import llm, llm_attention, splash_attention
 
 CFG = llm.LlamaConfig(vocab_size=61, hidden_size=24, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=6,
                       mlp_dim=40, rope_theta=500.0, rms_norm_eps=1e-5, max_seq_len=16, scan_layers=True,
@@ -339,8 +339,52 @@ def test_attention_implementations_agree_with_padding_gqa_and_empty_rows():
   logits = {impl: np.asarray(_logits(dataclasses.replace(CFG, attention_impl=impl), params, ids, mask))
             for impl in ("einsum", "xla")}
   np.testing.assert_allclose(logits["xla"], logits["einsum"], atol=1e-5, rtol=0)
-  with pytest.raises(ValueError, match="attention_impl"):
-    dataclasses.replace(CFG, attention_impl="splash")
+  with pytest.raises(ValueError, match="attention_impl 'flash' is unknown"):
+    dataclasses.replace(CFG, attention_impl="flash")
+
+
+@pytest.mark.parametrize("length", [7, 130])  # one block of its own; two 128-blocks with a padded tail
+def test_splash_attention_in_interpret_mode_equals_einsum_on_real_tokens_with_grads(length):
+  """Pallas' splash kernel (interpret mode off TPU) against the einsum formulation on every real query: ragged
+  padding on both sides and a hole, GQA, and the gradients of a loss that reads real queries only."""
+  rng = np.random.default_rng(5)
+  batch, heads, kv_heads, head_dim = 3, 4, 2, 8
+  query, key, value = (jnp.asarray(rng.normal(size=(batch, length, n, head_dim)).astype(np.float32))
+                       for n in (heads, kv_heads, kv_heads))
+  key_mask = np.ones((batch, length), bool)
+  key_mask[0, length - 2:] = False  # right padding
+  key_mask[1, :3] = False  # left padding
+  key_mask[2, length // 2] = False  # a hole
+  real = jnp.asarray(key_mask)[:, :, None, None]
+  allowed = jnp.asarray(np.tril(np.ones((length, length), bool))[None] & key_mask[:, None, :])
+  weights = jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)).astype(np.float32))
+
+  def loss(q, k, v, impl):
+    if impl == "splash":
+      out = splash_attention.attend_splash(q, k, v, jnp.asarray(key_mask), jnp.float32)
+    else:
+      out = llm_attention.attend(q, k, v, allowed, "einsum", jnp.float32)
+    return jnp.sum(jnp.where(real, out * weights, 0.0)), out
+
+  results = {impl: jax.jit(jax.value_and_grad(functools.partial(loss, impl=impl), argnums=(0, 1, 2),
+                                              has_aux=True))(query, key, value) for impl in ("splash", "einsum")}
+  (_, got), got_grads = results["splash"]
+  (_, want), want_grads = results["einsum"]
+  np.testing.assert_allclose(np.asarray(got)[key_mask], np.asarray(want)[key_mask], atol=2e-5, rtol=0)
+  for name, g, w in zip("qkv", got_grads, want_grads):
+    assert np.abs(np.asarray(w)).max() > 1e-2, name  # the loss reaches every input
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=0, err_msg=name)
+
+
+def test_splash_decoder_logits_equal_xla_on_real_tokens():
+  params = _init(CFG)
+  ids = _tokens(13, (2, 9))
+  mask = np.ones((2, 9), bool)
+  mask[0, 7:] = False
+  mask[1, :2] = False
+  logits = {impl: np.asarray(_logits(dataclasses.replace(CFG, attention_impl=impl), params, ids, mask))
+            for impl in ("splash", "xla")}
+  np.testing.assert_allclose(logits["splash"][mask], logits["xla"][mask], atol=2e-5, rtol=0)
 
 
 def _greedy_decode(cfg, params, prompts, prompt_mask, steps):

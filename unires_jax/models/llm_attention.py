@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from unires_jax.models.llm_config import LlamaConfig
+from unires_jax.models.splash_attention import attend_splash
 from unires_jax.sharding import with_logical_constraint, logical_init
 
 Dtype = Any
@@ -150,7 +151,11 @@ class Attention(nn.Module):
     key_slots = jnp.arange(key.shape[1])  # [S]
     allowed = (key_slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]  # [B, L, S]
 
-    attended = attend(query, key, value, allowed, cfg.attention_impl, self.dtype)  # [B, L, H, Dh]
+    if cfg.attention_impl == "splash" and not decode:
+      attended = attend_splash(query, key, value, key_mask, self.dtype)  # [B, L, H, Dh]
+    else:
+      impl = "xla" if cfg.attention_impl == "splash" else cfg.attention_impl
+      attended = attend(query, key, value, allowed, impl, self.dtype)  # [B, L, H, Dh]
     attended = with_logical_constraint(attended, ("activation_batch", "activation_length", "activation_heads", None))
     return self._project("blnk,nkd->bld", (heads, head_dim, embed), ("heads", "head_dim", "embed"), (0, 1),
                          "o_proj", merged_in=2)(attended)

@@ -16,8 +16,10 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 # Attention kernels selectable by config: "xla" and "cudnn" go through `jax.nn.dot_product_attention` (cuDNN's
-# fused attention on GPU), "einsum" is the plain scores/softmax/values formulation kept as the reference.
-ATTENTION_IMPLS = ("xla", "cudnn", "einsum")
+# fused attention on GPU), "einsum" is the plain scores/softmax/values formulation kept as the reference, "splash"
+# is Pallas' blockwise TPU kernel for full-sequence attention (`models/splash_attention.py`; decoding against the
+# KV cache uses "xla").
+ATTENTION_IMPLS = ("xla", "cudnn", "einsum", "splash")
 # How `decode=True` calls run stacked (`scan_layers`) layers: "unstacked" is a Python loop over per-layer params
 # (`with_decode_layers`), "scan" is the training path's `nn.scan` (it copies every layer's weights out of the stack
 # at every decoded token on CPU, where XLA cannot read a slice in place).
