@@ -73,6 +73,11 @@ def test_sharded_forward_and_grad_equal_single_device(setup, mesh_shape):
   assert embed.addressable_shards[0].data.size < embed.size
 
 
+def _jitted_grads(model, params, mask, batch):
+  """`step.grads_for` under one `jit` (run op by op, the tiny model's backward pass took minutes of dispatch)."""
+  return jax.jit(lambda p, b: step_lib.grads_for(model, p, mask, b, WEIGHTS))(params, batch)
+
+
 def _inert(model, params):
   return partition.matching_patterns(params, model.config.inert_parameter_patterns())
 
@@ -81,7 +86,7 @@ def test_frozen_groups_get_no_gradient(setup):
   config, model, batch, params = setup
   frozen_patterns = ("vision_low/.*", "vision_high/.*") + _inert(model, params)
   mask = partition.trainable_mask(params, trainable=[".*"], frozen=frozen_patterns)
-  grads = step_lib.grads_for(model, params, mask, batch, WEIGHTS)
+  grads = _jitted_grads(model, params, mask, batch)
   flat_grads = {partition.param_path(p): g for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
   flat_params = {partition.param_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
   frozen = [k for k in flat_params if k.startswith(("vision_low/", "vision_high/"))]
@@ -95,7 +100,7 @@ def test_frozen_groups_get_no_gradient(setup):
 def test_every_parameter_but_the_inert_ones_gets_a_gradient(setup):
   """With nothing frozen, the parameters without gradient are exactly among the declared inert ones."""
   config, model, batch, params = setup
-  grads = step_lib.grads_for(model, params, partition.trainable_mask(params), batch, WEIGHTS)
+  grads = _jitted_grads(model, params, partition.trainable_mask(params), batch)
   zero = [partition.param_path(p) for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]
           if not np.any(np.asarray(g))]
   inert = _inert(model, params)
