@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from scripts import benchmark_lisa, benchmark_model, benchmark_train
+from scripts import benchmark_decode_layers, benchmark_lisa, benchmark_model, benchmark_train
 
 
 def _positive(value) -> bool:
@@ -109,3 +109,17 @@ def test_benchmark_lisa_tiny(tmp_path):
     assert export["llm_index"] == "model.safetensors.index.json" and len(export["llm_shards"]) > 1
     named = set(json.loads((llm / export["llm_index"]).read_text())["weight_map"].values())
     assert named == set(export["llm_shards"]) == {p.name for p in llm.glob("*.safetensors")}
+
+
+def test_benchmark_decode_layers_tiny(tmp_path, capsys):
+  out = tmp_path / "decode.json"
+  assert benchmark_decode_layers.main(["--size", "tiny", "--new-tokens", "4", "--repeats", "1",
+                                       "--out", str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert result["tokens_equal"] and result["new_tokens"] == 4
+  for row in result["modes"].values():
+    assert row["total_s"] > 0 and row["first_token_s"] > 0
+  assert result["config"]["num_layers"] == 2
+  # A request the decoder cannot hold is named, not run.
+  assert benchmark_decode_layers.main(["--size", "tiny", "--new-tokens", "40", "--out", str(out)]) == 2
+  assert "--new-tokens 40 does not fit" in capsys.readouterr().err
