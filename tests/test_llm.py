@@ -313,6 +313,18 @@ def test_wrong_input_shapes_are_named():
     model.apply({"params": params}, jnp.zeros((2, 5, 7)), jnp.ones((2, 5), bool))
 
 
+def _ragged_logits_by_impl(impls, seed, length, real_ends, real_starts):
+  """Decoder logits of two token rows per attention impl; row i is real on [real_starts[i], real_ends[i])."""
+  params = _init(CFG)
+  ids = _tokens(seed, (2, length))
+  mask = np.zeros((2, length), bool)
+  for row, (start, end) in enumerate(zip(real_starts, real_ends)):
+    mask[row, start:end] = True
+  logits = {impl: np.asarray(_logits(dataclasses.replace(CFG, attention_impl=impl), params, ids, mask))
+            for impl in impls}
+  return logits, mask
+
+
 def test_attention_implementations_agree_with_padding_gqa_and_empty_rows():
   """`jax.nn.dot_product_attention` ('xla') against the einsum formulation, fp32: ragged padding on both sides, a
   row whose first queries see no key at all, GQA, and the same through the KV cache."""
@@ -331,13 +343,7 @@ def test_attention_implementations_agree_with_padding_gqa_and_empty_rows():
   assert np.isfinite(outputs["xla"]).all()
   np.testing.assert_allclose(outputs["xla"], outputs["einsum"], atol=1e-5, rtol=0)
 
-  params = _init(CFG)
-  ids = _tokens(12, (2, 8))
-  mask = np.ones((2, 8), bool)
-  mask[0, 6:] = False
-  mask[1, :3] = False
-  logits = {impl: np.asarray(_logits(dataclasses.replace(CFG, attention_impl=impl), params, ids, mask))
-            for impl in ("einsum", "xla")}
+  logits, _ = _ragged_logits_by_impl(("einsum", "xla"), seed=12, length=8, real_ends=(6, 8), real_starts=(0, 3))
   np.testing.assert_allclose(logits["xla"], logits["einsum"], atol=1e-5, rtol=0)
   with pytest.raises(ValueError, match="attention_impl 'flash' is unknown"):
     dataclasses.replace(CFG, attention_impl="flash")
@@ -377,13 +383,7 @@ def test_splash_attention_in_interpret_mode_equals_einsum_on_real_tokens_with_gr
 
 
 def test_splash_decoder_logits_equal_xla_on_real_tokens():
-  params = _init(CFG)
-  ids = _tokens(13, (2, 9))
-  mask = np.ones((2, 9), bool)
-  mask[0, 7:] = False
-  mask[1, :2] = False
-  logits = {impl: np.asarray(_logits(dataclasses.replace(CFG, attention_impl=impl), params, ids, mask))
-            for impl in ("splash", "xla")}
+  logits, mask = _ragged_logits_by_impl(("splash", "xla"), seed=13, length=9, real_ends=(7, 9), real_starts=(0, 2))
   np.testing.assert_allclose(logits["splash"][mask], logits["xla"][mask], atol=2e-5, rtol=0)
 
 
