@@ -32,7 +32,7 @@ import transformers
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from unires_jax import perf  # noqa: E402
+from unires_jax import perf, xla_defaults  # noqa: E402
 from unires_jax.convert import clip_vit as clip_convert  # noqa: E402
 from unires_jax.convert import convnext as convnext_convert  # noqa: E402
 from unires_jax.convert import llama as llama_convert  # noqa: E402
@@ -134,7 +134,8 @@ def convnext_pair(preset: dict) -> Pair:
   params = convnext_convert.import_convnext(model.state_dict(), cfg)
   images = _images(cfg.image_size, 3)
   module = ConvNeXt(cfg)
-  fn = jax.jit(lambda p, x: module.apply({"params": p}, x))
+  fn = jax.jit(lambda p, x: module.apply({"params": p}, x),
+               compiler_options=xla_defaults.compiler_options(cfg.image_size))
   pixels = _nchw(images)
   return Pair("ConvNeXt", f"{cfg.image_size} px, dims {list(cfg.dims)}, depths {list(cfg.depths)}", fn,
               (params, jnp.asarray(images)),
@@ -258,7 +259,8 @@ def unires_pair(preset: dict) -> Pair:
     export.convert_to_pytorch(params, config, folder)
     model = torch_model.UniRESTorch.from_exported(folder).eval()
   module = UniRES(cfg)
-  fn = jax.jit(lambda p, b: module.apply({"params": p}, b)["mask_logits"])
+  fn = jax.jit(lambda p, b: module.apply({"params": p}, b)["mask_logits"],
+               compiler_options=xla_defaults.for_model_config(config.model))
   torch_batch = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
   return Pair("whole UniRES forward", "configs/tiny.py, batch 1", fn,
               (params, {k: jnp.asarray(v) for k, v in batch.items()}), lambda: model(torch_batch)["mask_logits"],

@@ -1,27 +1,25 @@
-"""XLA:CPU compiler flags the project runs with, set in this one place before JAX starts its CPU backend.
+"""Per-program XLA:CPU compiler options, chosen in this one place from what the program runs.
 
-`apply()` runs when `unires_jax` is imported: it appends to `XLA_FLAGS` the flags below that the environment does
-not already set (a flag the user sets wins), for the jaxlib versions they were measured on. XLA reads `XLA_FLAGS`
-when it creates its first backend, so importing `unires_jax` after a JAX computation has run leaves them unapplied.
+XLA reads `XLA_FLAGS` once per process, so a flag there would hold for every program; the options here go to
+`jax.jit(..., compiler_options=...)` of one program instead, and only where they were measured to help
+(docs/benchmarks.md, "XLA:CPU options"). jaxlib 0.10, 2-core CPU, 2026-12-04:
 
-- `--xla_cpu_experimental_ynn_fusion_type=` (no YNNPACK fusions). jaxlib 0.10's XLA:CPU hands dots and the
-  elementwise ops around them to YNNPACK as one fused graph. For a ConvNeXt block it pulls in the 49 taps of the
-  depthwise convolution, which XLA then materialises as separate full-size inputs: one ConvNeXt-L stage-3 block at
-  64×64×768 takes 522 ms with the fusions and 189 ms without (HF PyTorch: about 390 ms), and the LLaMA and CLIP
-  matmuls run as fast without them (docs/benchmarks.md, "XLA:CPU flags").
+- `xla_cpu_experimental_ynn_fusion_type=""` (no YNNPACK fusions; XLA's default fuses reductions). With the
+  default, one ConvNeXt-L block at 256×256×192 takes 0.76 s and at 64×64×768 0.28 s; without the fusions 0.44 s
+  and 0.19 s. The same setting for every program made the tiny model's AdamW step 3.2× slower (0.071 → 0.225 s)
+  and the toy main job's step 2.3× slower (0.122 → 0.287 s), so it applies only to programs that run a ConvNeXt
+  with a canvas of `NO_YNN_MIN_CONVNEXT_SIDE` px or more (the 7B config's 1024 px).
 
-The flags only touch the CPU backend's compiler; GPU and TPU runs are unchanged.
+GPU and TPU programs get no options. A user's `XLA_FLAGS` still applies to every program.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import os
 
-# flag name → (value, jaxlib versions "major.minor" it is known to exist in: an unknown XLA flag aborts the process)
-CPU_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "xla_cpu_experimental_ynn_fusion_type": ("", ("0.10",)),
-}
+NO_YNN_FUSIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+NO_YNN_MIN_CONVNEXT_SIDE = 1024
+KNOWN_JAXLIB = ("0.10",)  # an option this XLA does not know is refused at compile time
 
 
 def _jaxlib_minor() -> str | None:
@@ -32,16 +30,21 @@ def _jaxlib_minor() -> str | None:
   return ".".join(version.split(".")[:2])
 
 
-def flags_to_add(current: str, jaxlib_minor: str | None) -> list[str]:
-  """The `--name=value` flags of `CPU_FLAGS` missing from the `XLA_FLAGS` string `current` for this jaxlib."""
-  present = {part.lstrip("-").split("=", 1)[0] for part in current.split()}
-  return [f"--{name}={value}" for name, (value, versions) in CPU_FLAGS.items()
-          if name not in present and jaxlib_minor in versions]
+def compiler_options(convnext_image_size: int | None, backend: str | None = None,
+                     jaxlib_minor: str | None = None) -> dict[str, str] | None:
+  """The `compiler_options` for a program whose ConvNeXt canvas is `convnext_image_size` px (None: no ConvNeXt)."""
+  import jax  # here, so that importing the package starts no backend
+
+  backend = backend or jax.default_backend()
+  jaxlib_minor = jaxlib_minor or _jaxlib_minor()
+  if backend != "cpu" or jaxlib_minor not in KNOWN_JAXLIB:
+    return None
+  if convnext_image_size is not None and convnext_image_size >= NO_YNN_MIN_CONVNEXT_SIDE:
+    return dict(NO_YNN_FUSIONS)
+  return None
 
 
-def apply(environ=os.environ) -> list[str]:
-  """Appends the missing flags to `environ["XLA_FLAGS"]`; returns what it added."""
-  added = flags_to_add(environ.get("XLA_FLAGS", ""), _jaxlib_minor())
-  if added:
-    environ["XLA_FLAGS"] = " ".join([environ.get("XLA_FLAGS", "")] + added).strip()
-  return added
+def for_model_config(model_config) -> dict[str, str] | None:
+  """`compiler_options` for a program that runs the UniRES model of `model_config` (`configs/common.py`)."""
+  convnext = model_config.get("convnext") if hasattr(model_config, "get") else None
+  return compiler_options(int(convnext["image_size"]) if convnext else None)

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from unires_jax import xla_defaults
 from unires_jax.data import pipeline
 from unires_jax.models import objective
 
@@ -20,7 +21,7 @@ def make_heldout_loss(config: ml_collections.ConfigDict, model, params_transform
   """The held-out loss function of a run, jitted once: the run's loss weights, batches from its eval pipeline."""
   eval_step = objective.make_eval_step(model, dict(config.train.loss_weights), params_transform)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    jitted = jax.jit(eval_step)
+    jitted = jax.jit(eval_step, compiler_options=xla_defaults.for_model_config(config.model))
 
   def heldout_loss(params, split_dir: str, batch_size: int | None = None) -> dict[str, float]:
     totals, batches = {}, 0

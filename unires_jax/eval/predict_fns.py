@@ -11,7 +11,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from unires_jax import sharding
+from unires_jax import sharding, xla_defaults
 from unires_jax.data import pipeline, prompts
 from unires_jax.data import tokenizer as tokenizer_lib
 from unires_jax.eval import inference
@@ -23,7 +23,7 @@ def make_predict_fn(model, config, mesh, rules, params_transform: Callable = lam
       model, seg_id=tokenizer.special_id(tokenizer_lib.SEG_TOKEN), eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
       max_new_tokens=prompts.max_new_tokens(config), params_transform=params_transform)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    jitted = jax.jit(generate)
+    jitted = jax.jit(generate, compiler_options=xla_defaults.for_model_config(config.model))
 
   def predict(params, local_batch):
     batch = pipeline.to_global_batch(local_batch, mesh)

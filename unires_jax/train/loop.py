@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from unires_jax import perf, sharding
+from unires_jax import perf, sharding, xla_defaults
 from unires_jax.data import pipeline
 from unires_jax import checkpointing as checkpoint_lib
 from unires_jax.train import lora as lora_lib
@@ -226,7 +226,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, make_evaluate: MakeE
                                         params_transform)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     jitted_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding, replicated),
-                          out_shardings=(state_shardings, replicated), donate_argnums=0)
+                          out_shardings=(state_shardings, replicated), donate_argnums=0,
+                          compiler_options=xla_defaults.for_model_config(config.model))
     compile_start = time.perf_counter()
     compiled = jitted_step.lower(state, {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding[k])
                                          for k, v in example.items()}, step_rng).compile()
