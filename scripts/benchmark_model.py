@@ -13,7 +13,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 from typing import Any
@@ -21,7 +20,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import ml_collections
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
@@ -192,7 +190,7 @@ def measure_depth_compile(num_layers: int, scan_layers: bool, batch_size: int) -
 def machine() -> dict:
   devices = jax.devices()
   return dict(platform=devices[0].platform, device_kind=devices[0].device_kind, device_count=len(devices),
-              cpu_count=os.cpu_count(), processor=platform.processor() or platform.machine(),
+              cpu_count=os.cpu_count(), processor=perf.cpu_description(),
               jax_version=jax.__version__)
 
 

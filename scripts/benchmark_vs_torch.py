@@ -19,7 +19,6 @@ import datetime
 import functools
 import json
 import os
-import platform
 import sys
 import time
 from typing import Callable
@@ -347,7 +346,8 @@ def _per_token(one_step: tuple[Callable, Callable], jax_args: tuple, row: dict, 
 
 
 def markdown(report: dict) -> str:
-  lines = [f"Measured {report['date']} with `{report['command']}` (torch {report['torch_threads']} threads, "
+  lines = [f"Measured {report['date']} with `{report['command']}` on {report['machine']}, {report['cpu_count']} cores "
+           f"(torch {report['torch_threads']} threads, "
            f"matmul {MATMUL_SIZE}² float32 = {report['matmul_peak_flops_per_s']:.3g} FLOP/s this run, load average "
            f"{report['load_average_before'][0]:.1f} before / {report['load_average_after'][0]:.1f} after, "
            f"{report['repeats']} alternating repeats).",
@@ -406,7 +406,7 @@ def main(argv=None) -> dict:
   command = "python scripts/benchmark_vs_torch.py " + " ".join(argv if argv is not None else sys.argv[1:])
   report = dict(date=datetime.date.today().isoformat(), command=command.strip(), preset=args.preset,
                 repeats=args.repeats, torch_threads=args.threads, jax=jax.__version__, torch=torch.__version__,
-                transformers=transformers.__version__, machine=platform.processor() or platform.machine(),
+                transformers=transformers.__version__, machine=perf.cpu_description(),
                 cpu_count=os.cpu_count(), load_average_before=list(load_before),
                 load_average_after=list(os.getloadavg()), matmul_size=MATMUL_SIZE, matmul_peak_flops_per_s=peak,
                 rows=rows)

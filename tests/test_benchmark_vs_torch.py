@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from scripts import benchmark_vs_torch  # noqa: E402
+from unires_jax import perf  # noqa: E402
 from unires_jax.models import llm  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -47,6 +48,7 @@ def test_report_rows_parity_and_markdown(tmp_path, tiny_preset):
   assert len(report["load_average_before"]) == 3 and report["torch_threads"] == 2
   text = md.read_text()
   assert "kept text" in text and text.count(benchmark_vs_torch.MARKER_BEGIN) == 1
+  assert report["machine"] == perf.cpu_description() and f" on {report['machine']}, " in text  # the CPU it ran on
   assert "| greedy decode |" in text and "4/4 tokens equal" in text
   # A second run replaces the block instead of adding one.
   benchmark_vs_torch.main(["--modules", "llama", "--repeats", "1", "--out", str(out), "--markdown", str(md)])

@@ -10,10 +10,28 @@ import os
 import pytest
 
 from scripts import benchmark_decode_layers, benchmark_lisa, benchmark_model, benchmark_train
+from unires_jax import perf
 
 
 def _positive(value) -> bool:
   return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw amx_bf16 amx_tile
+
+processor\t: 1
+model name\t: another name
+flags\t\t: fpu
+"""
+
+
+def test_cpu_description_names_the_first_processor_and_its_vector_units():
+  assert perf.cpu_description(CPUINFO) == "Intel(R) Xeon(R) Platinum 8480+ (avx2, avx512f, amx_tile)"
+  assert perf.cpu_description("model name : Old CPU\nflags : fpu sse2\n") == (
+      "Old CPU (none of avx2/avx512f/avx512_bf16/amx_tile)")
 
 
 @pytest.mark.slow

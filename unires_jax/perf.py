@@ -1,7 +1,9 @@
-"""Measured performance figures: compiled FLOPs, a matmul peak on the same devices, MFU, host memory."""
+"""Measured performance figures: compiled FLOPs, a matmul peak on the same devices, MFU, host memory, and the CPU
+they were measured on."""
 
 from __future__ import annotations
 
+import platform
 import resource
 import sys
 import time
@@ -45,3 +47,27 @@ def peak_host_memory_mb() -> float:
   """Peak resident set size of this process, MiB."""
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+# The vector extensions that decide XLA:CPU's and PyTorch's kernels; two x86 CPUs with the same core count gave JAX
+# 1.6-2.0x and 0.67-0.93x of PyTorch on the same modules (docs/benchmarks.md), so a figure names the CPU it ran on.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_tile")
+
+
+def cpu_description(cpuinfo: str | None = None) -> str:
+  """The CPU's model name and which of `CPU_FEATURES` it has, from `/proc/cpuinfo` (`cpuinfo`: its text)."""
+  if cpuinfo is None:
+    try:
+      with open("/proc/cpuinfo") as f:
+        cpuinfo = f.read()
+    except OSError:
+      return platform.processor() or platform.machine()
+  fields = {}
+  for line in cpuinfo.splitlines():
+    key, sep, value = line.partition(":")
+    if sep and key.strip() not in fields:  # the first processor's entry
+      fields[key.strip()] = value.strip()
+  name = fields.get("model name") or platform.processor() or platform.machine()
+  flags = set(fields.get("flags", "").split())
+  present = [feature for feature in CPU_FEATURES if feature in flags]
+  return f"{name} ({', '.join(present) or 'none of ' + '/'.join(CPU_FEATURES)})"
