@@ -111,6 +111,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       log_every=50,
       eval_every=0,
       checkpoint_every=500,
+      checkpoint_steps=(),  # steps saved besides every `checkpoint_every`-th and the last, e.g. (1000, 2500)
       keep_last=2,
       keep_every_steps=0,
       async_checkpoint=True,

@@ -63,9 +63,9 @@ def run_shared_dir(tmp_path_factory):
 def trained_run(run_shared_dir):
   """A toy run (the quick config without its final evaluation) trained once per test run and read by every test that
   loads a checkpoint (scripts/predict.py, the demo): the first xdist worker to ask trains it under a file lock, the
-  others wait and read it. Every third step is kept: step 3 still answers without `[SEG]` (garbage text), the newest
-  (80) answers "Sure, it is [SEG]." with a non-empty mask. Training steps of the tiny model are cheap next to
-  compilation (80 steps cost about the CPU time of 3)."""
+  others wait and read it. Steps 1 (Orbax keeps a run's first step), 3 and 80 are kept: step 1 still answers
+  without `[SEG]` (garbage text), the newest (80) answers "Sure, it is [SEG]." with a non-empty mask. Training
+  steps of the tiny model are cheap next to compilation (80 steps cost about the CPU time of 3)."""
   shared = run_shared_dir
   workdir = shared / "toy_run"
   finished = shared / "toy_run.trained"
@@ -84,7 +84,8 @@ def _train_toy_run(workdir: str) -> None:
 
   config = toy_config.get_config("quick")
   config.train.total_steps = 80
-  config.train.checkpoint_every = 3
+  config.train.checkpoint_every = 1000  # no interval saves: each took about 2 s, 50 s of the fixture for 26 unread steps
+  config.train.checkpoint_steps = (3,)
   config.train.keep_last = 100
   config.train.async_checkpoint = False
   # After 80 steps on the main job's mix (many no-target phrases, decision weight 16) the model answers "no target"

@@ -53,6 +53,18 @@ def listing(directory: str) -> list[str]:
   return sorted(os.listdir(directory))
 
 
+def test_listed_steps_are_saved_between_intervals_and_bad_ones_refused(tmp_path):
+  state = make_state()
+  checkpointer = Checkpointer(str(tmp_path / "ckpt"), save_every=100, keep_last=10, async_save=False,
+                              save_on_steps=(4, 7))
+  saved = [step for step in range(1, 11) if checkpointer.save(step, state, None, force=(step == 10))]
+  checkpointer.close()
+  assert saved == checkpointer.all_steps() == [1, 4, 7, 10]  # Orbax also keeps a run's first step
+  for bad in ((0,), (2.5,), ("3",)):
+    with pytest.raises(ValueError, match="train.checkpoint_steps must be positive integer steps"):
+      Checkpointer(str(tmp_path / "bad"), save_every=1, save_on_steps=bad)
+
+
 def test_unreadable_latest_step_is_set_aside_and_the_previous_one_restored(tmp_path):
   directory = str(tmp_path / "checkpoints")
   state = save_steps(directory)

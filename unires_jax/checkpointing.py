@@ -243,13 +243,18 @@ def preservation_policy(keep_last: int, keep_every_steps: int | None):
 
 
 class Checkpointer:
-  """Saves `{state, data}` every `save_every` steps; restores the newest checkpoint that reads back."""
+  """Saves `{state, data}` every `save_every` steps and at each of `save_on_steps`; restores the newest checkpoint
+  that reads back."""
 
   def __init__(self, directory: str, save_every: int, keep_last: int = 3, keep_every_steps: int | None = None,
-               async_save: bool = True):
+               async_save: bool = True, save_on_steps: tuple[int, ...] = ()):
     self.directory = os.path.abspath(directory)
+    bad = [s for s in save_on_steps if isinstance(s, bool) or not isinstance(s, int) or s < 1]
+    if bad:
+      raise ValueError(f"train.checkpoint_steps must be positive integer steps; got {list(save_on_steps)!r}")
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=int(save_every), enable_async_checkpointing=async_save,
+        save_interval_steps=int(save_every), save_on_steps=frozenset(save_on_steps),
+        enable_async_checkpointing=async_save,
         preservation_policy=preservation_policy(keep_last, keep_every_steps), cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE_ITEM, "data"))
 

@@ -208,7 +208,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, make_evaluate: MakeE
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), save_every=int(train_cfg.checkpoint_every),
       keep_last=int(train_cfg.keep_last), keep_every_steps=train_cfg.get("keep_every_steps") or None,
-      async_save=bool(train_cfg.async_checkpoint))
+      async_save=bool(train_cfg.async_checkpoint), save_on_steps=tuple(train_cfg.get("checkpoint_steps", ())))
   abstract_sharded = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
                                   state_shardings)
   restored = checkpointer.restore_latest(abstract_sharded, train_iter)
