@@ -36,7 +36,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's package; 
 SCREENSHOT = os.path.join(REPO, "docs", "demo.png")
 START_SECONDS = 600   # checkpoint load and compilation on a busy 2-core machine
 RESULT_MS = 300_000   # one request, on the same machine
-UPLOAD_TRY_MS = 20_000  # one try of an upload (a listed upload takes about a second); Gradio's upload can stall on a request race, so it is tried again
+UPLOAD_TRY_MS = 20_000  # one try of an upload; Gradio's upload can stall on a request race, so it is tried again
 
 
 def _free_port() -> int:

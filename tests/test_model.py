@@ -39,11 +39,10 @@ def _loss_and_grads(model, params, batch):
 def test_sharded_forward_and_grad_equal_single_device(setup):
   """One mesh with every axis split (data 2, fsdp 2, tensor 2): one compile covers FSDP and tensor parallelism."""
   config, model, batch, params = setup
-  mesh_shape = dict(data=2, fsdp=2, tensor=2)
   single_out = jax.jit(model.apply)({"params": params}, batch)
   single_loss, single_grads = jax.jit(lambda p: _loss_and_grads(model, p, batch))(params)
 
-  mesh = sharding.make_mesh(common.mesh_config(**mesh_shape))
+  mesh = sharding.make_mesh(common.mesh_config(data=2, fsdp=2, tensor=2))
   rules = sharding.rules_from_config(config.sharding_rules)
   sharded_params, shardings = state_lib.create_sharded_state(model, batch, mesh, rules, jax.random.key(0))
   sharded_params = sharded_params.params
