@@ -4,6 +4,7 @@ share."""
 import fcntl
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -73,9 +74,20 @@ def trained_run(run_shared_dir):
     fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if training fails
     if not finished.exists():
       shutil.rmtree(workdir, ignore_errors=True)  # a try that failed in another worker
-      _train_toy_run(str(workdir))
+      _train_toy_run_on_one_device(str(workdir))
       finished.write_text("trained\n")
   return str(workdir)
+
+
+def _train_toy_run_on_one_device(workdir: str) -> None:
+  """`_train_toy_run` in a process with one CPU device: the tests that read the run do not depend on its mesh, and
+  one device trains it in about half the time of the suite's 8 (44 s against 78 s alone on 2 cores, 2026-12-06)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 " + TEST_XLA_FLAGS)
+  command = [sys.executable, "-c", "import sys, conftest; conftest._train_toy_run(sys.argv[1])", workdir]
+  result = subprocess.run(command, cwd=os.path.dirname(os.path.abspath(__file__)), env=env, capture_output=True,
+                          text=True)
+  if result.returncode:
+    raise AssertionError(f"training the toy run in {workdir} exited with {result.returncode}:\n{result.stderr[-4000:]}")
 
 
 def _train_toy_run(workdir: str) -> None:
