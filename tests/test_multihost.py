@@ -28,7 +28,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path, run_shared_dir):
   runner = shared_runner(run_shared_dir)
-  reference = reference_run(runner, device_count=8)  # also generates the shared data before the two processes start
+  reference = reference_run(runner)  # also generates the shared data before the two processes start
 
   workdir = str(tmp_path / "two_processes")
   address = f"127.0.0.1:{_free_port()}"

@@ -25,11 +25,6 @@ pytestmark = pytest.mark.xdist_group("train_runs")
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 TRAIN_SCRIPT = os.path.join(REPO, "scripts", "train.py")
 TOTAL_STEPS = 8  # checkpoints every 3 steps (configs/toy.py:quick) and at the end: steps 3, 6, 8
-# Devices of each one-process run: a 4-way data mesh (batch 8, two examples per device), which compiles and steps
-# faster on the 2-core machine than the suite's 8 (the SIGKILL test: 63 s -> 42 s). The two-process test keeps its
-# 4 + 4 split and an 8-device reference of its own: split 2 + 2 against 4 devices, its states differed by up to
-# 1.7e-3 of a tensor's norm in the mask decoder (2026-12-06), against 2.8e-6 for 4 + 4 against 8.
-RUN_DEVICES = 4
 
 # configs/toy.py:quick with the data in a shared directory (argument) instead of each workdir, and no
 # evaluation (it is not what these tests check, and it costs a compilation per run).
@@ -67,7 +62,7 @@ run's persistent compilation cache (conftest.py), which every test process share
     with open(self.config_path, "w") as f:
       f.write(TEST_CONFIG)
 
-  def env(self, device_count: int | None = RUN_DEVICES) -> dict[str, str]:
+  def env(self, device_count: int | None = 8) -> dict[str, str]:
     env = dict(os.environ)
     # conftest.py's XLA flags without its device count, which each run sets itself (or leaves to --cpu_devices).
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
@@ -85,8 +80,8 @@ run's persistent compilation cache (conftest.py), which every test process share
             f"--workdir={workdir}", f"--config.train.total_steps={TOTAL_STEPS}", *overrides]
 
   def run(self, workdir: str, *overrides: str, data_dir: str | None = None, check: bool = True,
-          timeout: float = 500, device_count: int = RUN_DEVICES) -> subprocess.CompletedProcess:
-    result = subprocess.run(self.command(workdir, *overrides, data_dir=data_dir), env=self.env(device_count), cwd=REPO,
+          timeout: float = 500) -> subprocess.CompletedProcess:
+    result = subprocess.run(self.command(workdir, *overrides, data_dir=data_dir), env=self.env(), cwd=REPO,
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode:
       raise AssertionError(f"train.py in {workdir} exited with {result.returncode}:\n{result.stderr[-4000:]}")
@@ -134,15 +129,15 @@ def assert_states_equal(expected: dict, actual: dict, rtol: float = 0.0) -> None
       assert np.array_equal(value, other), f"{name} differs: max |Δ| {np.max(np.abs(value - other))}"
 
 
-def reference_run(runner: TrainRunner, device_count: int = RUN_DEVICES) -> str:
-  """The uninterrupted run (one process, `device_count` devices): run once per test run and device count, by the
-  first process to ask, under a file lock that the others wait on."""
-  workdir = os.path.join(runner.root, f"reference_{device_count}_devices")
-  with open(workdir + ".lock", "w") as lock:
+def reference_run(runner: TrainRunner) -> str:
+  """The uninterrupted run (one process, 8 devices): run once per test run, by the first process to ask, under a
+  file lock that the others wait on."""
+  workdir = os.path.join(runner.root, "reference")
+  with open(os.path.join(runner.root, "reference.lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the run fails
     if not os.path.exists(os.path.join(workdir, "train_summary.json")):
       shutil.rmtree(workdir, ignore_errors=True)
-      runner.run(workdir, device_count=device_count)
+      runner.run(workdir)
   return workdir
 
 
