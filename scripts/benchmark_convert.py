@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 from configs import unires_7b  # noqa: E402
+from unires_jax import benchmark_io, cli  # noqa: E402
 from unires_jax.convert import export, mapping, pretrained  # noqa: E402
 from unires_jax.convert import unires as convert_unires  # noqa: E402
 from unires_jax.convert.clip_vit import export_clip_vit  # noqa: E402
@@ -117,9 +118,8 @@ def main(argv=None) -> None:
     for size in args.sizes.split(","):
       results["runs"].append(benchmark_size(size, workdir, args.repeats))
       print(json.dumps(results["runs"][-1], indent=1), flush=True)
-      with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+      benchmark_io.write_report(args.out, results)
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_main(main, "benchmark_convert.py")

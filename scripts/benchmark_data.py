@@ -23,6 +23,7 @@ from pycocotools import mask as mask_utils
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from configs import common, data_common  # noqa: E402
+from unires_jax import benchmark_io, cli  # noqa: E402
 from unires_jax.data import pipeline, records  # noqa: E402
 
 WORDS = ("red", "blue", "green", "left", "right", "box", "wheel", "handle", "top", "bottom", "large", "small")
@@ -104,9 +105,8 @@ def main(argv=None) -> None:
         print(json.dumps(results[-1]), flush=True)
   report = dict(cpu_count=os.cpu_count(), images=args.images, image_hw=[480, 640], batch_size=args.batch_size,
                 timed_batches=args.batches, results=results)
-  with open(args.out, "w") as f:
-    json.dump(report, f, indent=2)
+  benchmark_io.write_report(args.out, report)
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_main(main, "benchmark_data.py")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import sys
 import time
@@ -25,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+from unires_jax import benchmark_io, cli  # noqa: E402
 from unires_jax.models import llm  # noqa: E402
 
 # name → (decoder sizes, prompt length); "bench" is the 1024-wide, 8-layer decoder of docs/benchmarks.md.
@@ -93,11 +93,9 @@ def main(argv=None) -> int:
           f"{row['per_token_s'] * 1e3:.1f} ms")
   print(f"tokens equal: {result['tokens_equal']}; unstacked per token {result['unstacked_speedup_per_token']:.2f}x "
         f"faster; written to {args.out}")
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
+  benchmark_io.write_report(args.out, result)
   return 0 if result["tokens_equal"] else 1
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run_main(main, "benchmark_decode_layers.py"))

@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 
 import itertools  # noqa: E402
 
+from unires_jax import benchmark_io, cli  # noqa: E402
 from unires_jax.data import records, synthetic  # noqa: E402
 from unires_jax.data import datasets  # noqa: E402
 from unires_jax.eval import metrics as metrics_lib  # noqa: E402
@@ -148,8 +149,7 @@ def main(argv=None) -> dict:
   text = json.dumps(result, indent=2)
   print(text)
   if args.out:
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
+    benchmark_io.write_report(args.out, result)
   return result
 
 
@@ -198,4 +198,4 @@ def offline_scoring(args, data_dir: str, work_dir: str) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_main(main, "benchmark_eval.py")

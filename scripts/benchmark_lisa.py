@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 from configs import lisa as lisa_config  # noqa: E402
-from scripts.benchmark_model import machine  # noqa: E402
+from unires_jax import benchmark_io, cli, perf  # noqa: E402
 from unires_jax.convert import lisa as lisa_convert  # noqa: E402
 from unires_jax.convert import shards  # noqa: E402
 from unires_jax.convert.unires import param_shapes  # noqa: E402
@@ -202,12 +202,10 @@ def main(argv=None) -> None:
   with tempfile.TemporaryDirectory() as scratch:
     result = benchmark(args.size, args.workdir or scratch, shards.parse_size(args.lisa_shard_size),
                        args.max_shard_size, dtypes)
-  report = dict(date=datetime.date.today().isoformat(), machine=machine(),
+  report = dict(date=datetime.date.today().isoformat(), machine=perf.machine(),
                 load_average=list(os.getloadavg()), **result)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(report, f, indent=1)
+  benchmark_io.write_report(args.out, report)
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_main(main, "benchmark_lisa.py")

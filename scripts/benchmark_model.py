@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from configs import common  # noqa: E402
-from unires_jax import perf, sharding  # noqa: E402
+from unires_jax import benchmark_io, cli, perf, sharding  # noqa: E402
 from unires_jax.models.example_batch import example_batch  # noqa: E402
 from unires_jax.models.unires import UniRESConfig  # noqa: E402
 from unires_jax.train import lora as lora_lib  # noqa: E402
@@ -46,17 +46,18 @@ def optim_config(total_steps: int = 1000) -> ml_collections.ConfigDict:
 
 
 class Setup:
-  """A model of one size with its AdamW train state on a data-parallel mesh, a random batch, and jitted
-  (not yet compiled) forward and train-step functions. `donate_state` donates the state to the train step, as
-  the training loop does (then each call must be given the state the previous one returned)."""
+  """A model of one size with its AdamW train state on a data-parallel mesh over `devices` (all of JAX's by
+  default), a random batch, and jitted (not yet compiled) forward and train-step functions. `donate_state` donates
+  the state to the train step, as the training loop does (then each call must be given the state the previous one
+  returned)."""
 
   def __init__(self, model_cfg: ml_collections.ConfigDict, batch_size: int, seed: int = 0,
                materialize: bool = True, donate_state: bool = False,
-               train_cfg: ml_collections.ConfigDict | None = None):
+               train_cfg: ml_collections.ConfigDict | None = None, devices: Sequence[jax.Device] | None = None):
     """`train_cfg` (a config's `train` section) adds its trainable/frozen patterns and LoRA, as training does."""
     self.model_cfg = model_cfg
     self.batch_size = batch_size
-    self.mesh = sharding.make_mesh(common.mesh_config(data=-1))
+    self.mesh = sharding.make_mesh(common.mesh_config(data=-1), devices)
     sharding.check_batch_fits_mesh(batch_size, self.mesh)
     self.rules = sharding.rules_from_config(common.sharding_rules())
     self.model = state_lib.build_model(model_cfg)
@@ -156,9 +157,10 @@ def utilisation(flops: float, seconds: float, peak_flops_per_s: float) -> dict:
   return dict(flops_per_s=achieved, mfu=achieved / peak_flops_per_s if peak_flops_per_s > 0 else 0.0)
 
 
-def measure_size(size: str, batch_size: int, repeats: int, peak_flops_per_s: float) -> dict:
+def measure_size(size: str, batch_size: int, repeats: int, peak_flops_per_s: float,
+                 devices: Sequence[jax.Device] | None = None) -> dict:
   """Compile time, median forward and train-step time, FLOPs and MFU of one model size."""
-  setup = Setup(size_config(size), batch_size)
+  setup = Setup(size_config(size), batch_size, devices=devices)
   forward, forward_compile_s = setup.compile_forward()
   train_step, train_compile_s = setup.compile_train_step()
   forward_flops = perf.compiled_flops(forward)
@@ -176,22 +178,16 @@ def measure_size(size: str, batch_size: int, repeats: int, peak_flops_per_s: flo
   )
 
 
-def measure_depth_compile(num_layers: int, scan_layers: bool, batch_size: int) -> dict:
+def measure_depth_compile(num_layers: int, scan_layers: bool, batch_size: int,
+                          devices: Sequence[jax.Device] | None = None) -> dict:
   """Train-step compile time of the tiny model with `num_layers` LLM layers, scanned or unrolled."""
   model_cfg = size_config("tiny")
   model_cfg.llm.num_layers = num_layers
   model_cfg.llm.scan_layers = scan_layers
-  setup = Setup(model_cfg, batch_size, materialize=False)
+  setup = Setup(model_cfg, batch_size, materialize=False, devices=devices)
   _, compile_s = setup.compile_train_step()
   return dict(num_layers=num_layers, scan_layers=scan_layers, train_step_compile_s=compile_s,
               param_count=setup.param_count)
-
-
-def machine() -> dict:
-  devices = jax.devices()
-  return dict(platform=devices[0].platform, device_kind=devices[0].device_kind, device_count=len(devices),
-              cpu_count=os.cpu_count(), processor=perf.cpu_description(),
-              jax_version=jax.__version__)
 
 
 def parse_ints(text: str) -> list[int]:
@@ -207,40 +203,37 @@ def main(argv=None) -> dict:
   parser.add_argument("--depths", default="2,16", help="LLM depths of the scan compile-time comparison")
   parser.add_argument("--unscanned-depths", default="16", help="depths also compiled with scan_layers=False")
   parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmul giving the peak")
+  parser.add_argument("--devices", type=int, default=0, help="run on the first N devices (0: all)")
   args = parser.parse_args(argv)
 
-  batch_sizes = dict(DEFAULT_BATCH_SIZES)
-  for pair in filter(None, args.batch_sizes.split(",")):
-    name, value = pair.split("=")
-    batch_sizes[name] = int(value)
+  devices = perf.select_devices(args.devices)
+  batch_sizes = benchmark_io.parse_batch_sizes(args.batch_sizes, DEFAULT_BATCH_SIZES)
   sizes = [s for s in args.sizes.split(",") if s]
   for size in sizes:
     if size not in common.MODEL_SIZES:
       raise ValueError(f"--sizes entry {size!r} is not a model size; expected one of {common.MODEL_SIZES}")
 
   peak_per_device = perf.matmul_peak_flops(args.matmul_size, repeats=args.repeats)
-  peak = peak_per_device * jax.device_count()
+  peak = peak_per_device * len(devices)
   print(json.dumps(dict(matmul_peak_flops_per_s=peak)), flush=True)
   results = []
   for size in sizes:
-    results.append(measure_size(size, batch_sizes[size], args.repeats, peak))
+    results.append(measure_size(size, batch_sizes[size], args.repeats, peak, devices))
     print(json.dumps(results[-1]), flush=True)
   depth_compile = []
   for depth in parse_ints(args.depths):
-    depth_compile.append(measure_depth_compile(depth, True, batch_sizes["tiny"]))
+    depth_compile.append(measure_depth_compile(depth, True, batch_sizes["tiny"], devices))
     print(json.dumps(depth_compile[-1]), flush=True)
   for depth in parse_ints(args.unscanned_depths):
-    depth_compile.append(measure_depth_compile(depth, False, batch_sizes["tiny"]))
+    depth_compile.append(measure_depth_compile(depth, False, batch_sizes["tiny"], devices))
     print(json.dumps(depth_compile[-1]), flush=True)
 
-  report = dict(date=datetime.date.today().isoformat(), machine=machine(), repeats=args.repeats,
+  report = dict(date=datetime.date.today().isoformat(), machine=perf.machine(devices), repeats=args.repeats,
                 matmul_size=args.matmul_size, matmul_peak_flops_per_s=peak, sizes=results,
                 depth_compile=depth_compile)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(report, f, indent=2)
+  benchmark_io.write_report(args.out, report)
   return report
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_main(main, "benchmark_model.py")

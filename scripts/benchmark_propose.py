@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from configs import common  # noqa: E402
-from scripts.benchmark_model import machine  # noqa: E402
+from unires_jax import benchmark_io, cli, perf  # noqa: E402
 from unires_jax.models.mask_decoder import MaskDecoderConfig  # noqa: E402
 from unires_jax.models.sam_vit import SamVitConfig  # noqa: E402
 from unires_jax.proposals import ImageInput  # noqa: E402
@@ -129,14 +129,12 @@ def main(argv=None) -> dict:
     results.append(measure(name, build(), args.images or images, args.points_per_side or points,
                            args.points_per_batch, args.height, args.width, args.repeats))
     print(json.dumps({k: v for k, v in results[-1].items() if k not in ("sam_vit", "mask_decoder")}), flush=True)
-  report = dict(date=datetime.date.today().isoformat(), machine=machine(), command=command,
+  report = dict(date=datetime.date.today().isoformat(), machine=perf.machine(), command=command,
                 load_average_1_5_15_min=dict(before=load_before, after=os.getloadavg()),
                 weights="random (scripts/benchmark_propose.py; filters at the config defaults)", models=results)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(report, f, indent=2)
+  benchmark_io.write_report(args.out, report)
   return report
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_main(main, "benchmark_propose.py")

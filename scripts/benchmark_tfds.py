@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import benchmark_data  # noqa: E402
+from unires_jax import benchmark_io, cli  # noqa: E402
 from unires_jax.data import records  # noqa: E402
 
 
@@ -175,9 +176,8 @@ def main(argv=None) -> None:
                 pipeline_estimate=_pipeline_estimate(args.pipeline_figures,
                                                      1.0 / tfds_sample_rate - 1.0 / own_sample_rate), **sizes)
   print(json.dumps(report, indent=2))
-  with open(args.out, "w") as f:
-    json.dump(report, f, indent=2)
+  benchmark_io.write_report(args.out, report)
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_main(main, "benchmark_tfds.py")

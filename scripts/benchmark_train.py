@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 
 import benchmark_model  # noqa: E402
 from configs import unires_7b  # noqa: E402
-from unires_jax import perf  # noqa: E402
+from unires_jax import benchmark_io, cli, perf  # noqa: E402
 
 # Compute dtype and matmul side of the peak per device kind: float32 on CPU, bfloat16 on GPU.
 DEVICE_SETTINGS = {"cpu": dict(dtype="float32", matmul_size=2048, matmul_dtype=jnp.float32),
@@ -60,7 +60,7 @@ def peak_device_memory_bytes() -> int | None:
 
 
 def measure_training(size: str, batch_size: int, steps: int, peak_flops_per_s: float, dtype: str,
-                     recipe: bool = False) -> dict:
+                     recipe: bool = False, devices=None) -> dict:
   """Compiles the AdamW step for one size, runs `steps` timed steps after one warm-up and reports medians."""
   if recipe:
     config = unires_7b.get_config(size)
@@ -68,7 +68,7 @@ def measure_training(size: str, batch_size: int, steps: int, peak_flops_per_s: f
     model_cfg.dtype = dtype
   else:
     model_cfg, train_cfg = benchmark_model.size_config(size, dtype), None
-  setup = benchmark_model.Setup(model_cfg, batch_size, donate_state=True, train_cfg=train_cfg)
+  setup = benchmark_model.Setup(model_cfg, batch_size, donate_state=True, train_cfg=train_cfg, devices=devices)
   compiled, compile_s = setup.compile_train_step()
   flops = perf.compiled_flops(compiled)
   state = setup.state
@@ -104,30 +104,27 @@ def main(argv=None) -> dict:
   parser.add_argument("--expect-device", default="", help="refuse unless the device kind contains this, e.g. H200")
   parser.add_argument("--recipe", default="auto", choices=("auto", "unires_7b", "none"),
                       help=f"train as configs/unires_7b.py (frozen encoders, LoRA); auto: for {RECIPE_SIZES}")
+  parser.add_argument("--devices", type=int, default=0, help="train on the first N devices (0: all)")
   args = parser.parse_args(argv)
 
   device_kind = check_devices(args.device, args.expect_device)
+  devices = perf.select_devices(args.devices)
   settings = DEVICE_SETTINGS[args.device]
-  batch_sizes = dict(benchmark_model.DEFAULT_BATCH_SIZES)
-  for pair in filter(None, args.batch_sizes.split(",")):
-    name, value = pair.split("=")
-    batch_sizes[name] = int(value)
+  batch_sizes = benchmark_io.parse_batch_sizes(args.batch_sizes, benchmark_model.DEFAULT_BATCH_SIZES)
 
-  peak = perf.matmul_peak_flops(settings["matmul_size"], settings["matmul_dtype"]) * jax.device_count()
+  peak = perf.matmul_peak_flops(settings["matmul_size"], settings["matmul_dtype"]) * len(devices)
   print(json.dumps(dict(matmul_peak_flops_per_s=peak)), flush=True)
   results = []
   for size in filter(None, args.size.split(",")):
     recipe = args.recipe == "unires_7b" or (args.recipe == "auto" and size in RECIPE_SIZES)
-    results.append(measure_training(size, batch_sizes[size], args.steps, peak, settings["dtype"], recipe))
+    results.append(measure_training(size, batch_sizes[size], args.steps, peak, settings["dtype"], recipe, devices))
     print(json.dumps(results[-1]), flush=True)
-  report = dict(date=datetime.date.today().isoformat(), machine=benchmark_model.machine(), device_kind=device_kind,
-                device_count=jax.device_count(), steps=args.steps,
+  report = dict(date=datetime.date.today().isoformat(), machine=perf.machine(devices), device_kind=device_kind,
+                device_count=len(devices), steps=args.steps,
                 matmul_size=settings["matmul_size"], matmul_peak_flops_per_s=peak, sizes=results)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(report, f, indent=2)
+  benchmark_io.write_report(args.out, report)
   return report
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_main(main, "benchmark_train.py")

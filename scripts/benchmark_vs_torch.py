@@ -31,7 +31,7 @@ import transformers
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from unires_jax import perf, xla_defaults  # noqa: E402
+from unires_jax import benchmark_io, cli, perf, xla_defaults  # noqa: E402
 from unires_jax.convert import clip_vit as clip_convert  # noqa: E402
 from unires_jax.convert import convnext as convnext_convert  # noqa: E402
 from unires_jax.convert import llama as llama_convert  # noqa: E402
@@ -410,13 +410,11 @@ def main(argv=None) -> dict:
                 cpu_count=os.cpu_count(), load_average_before=list(load_before),
                 load_average_after=list(os.getloadavg()), matmul_size=MATMUL_SIZE, matmul_peak_flops_per_s=peak,
                 rows=rows)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(report, f, indent=2)
+  benchmark_io.write_report(args.out, report)
   if args.markdown:
     write_markdown(args.markdown, markdown(report))
   return report
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_main(main, "benchmark_vs_torch.py")

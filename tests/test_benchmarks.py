@@ -10,7 +10,7 @@ import os
 import pytest
 
 from scripts import benchmark_decode_layers, benchmark_lisa, benchmark_model, benchmark_train
-from unires_jax import perf
+from unires_jax import benchmark_io, perf
 
 
 def _positive(value) -> bool:
@@ -34,6 +34,38 @@ def test_cpu_description_names_the_first_processor_and_its_vector_units():
       "Old CPU (none of avx2/avx512f/avx512_bf16/amx_tile)")
 
 
+def test_batch_sizes_option_overrides_the_defaults_and_names_a_bad_entry():
+  defaults = {"tiny": 8, "small": 2}
+  assert benchmark_io.parse_batch_sizes("", defaults) == defaults
+  assert benchmark_io.parse_batch_sizes("small=4,tiny=1", defaults) == {"tiny": 1, "small": 4}
+  with pytest.raises(ValueError, match=r"'huge=4': 'huge' is not a model size; expected one of \['small', 'tiny'\]"):
+    benchmark_io.parse_batch_sizes("huge=4", defaults)
+  for bad in ("small", "small=0", "small=-2", "small=two"):
+    with pytest.raises(ValueError, match=f"--batch-sizes entry '{bad}': expected size=batch"):
+      benchmark_io.parse_batch_sizes(bad, defaults)
+
+
+def test_report_is_replaced_whole_and_a_failed_write_keeps_the_previous_one(tmp_path):
+  path = str(tmp_path / "new_folder" / "report.json")
+  benchmark_io.write_report(path, {"figure": 1.5})
+  assert json.loads(open(path).read()) == {"figure": 1.5}
+  with pytest.raises(TypeError):
+    benchmark_io.write_report(path, {"figure": object()})  # not JSON: fails halfway through the dump
+  assert json.loads(open(path).read()) == {"figure": 1.5}
+  assert os.listdir(tmp_path / "new_folder") == ["report.json"]  # no temporary file left behind
+
+
+def test_devices_option_takes_the_first_n_and_refuses_more_than_there_are():
+  import jax
+
+  assert perf.select_devices(0) == jax.devices()
+  assert perf.select_devices(1) == jax.devices()[:1]
+  assert perf.machine(perf.select_devices(1))["device_count"] == 1
+  count = jax.device_count()
+  with pytest.raises(ValueError, match=f"--devices {count + 1}: expected 0 \\(all\\) to {count}"):
+    perf.select_devices(count + 1)
+
+
 @pytest.mark.slow
 def test_benchmark_model_tiny(tmp_path):
   out = tmp_path / "model.json"
@@ -41,6 +73,7 @@ def test_benchmark_model_tiny(tmp_path):
                         "--unscanned-depths", "", "--matmul-size", "256"])
   report = json.loads(out.read_text())
   assert set(report) >= {"date", "machine", "matmul_peak_flops_per_s", "sizes", "depth_compile"}
+  assert report["machine"]["device_count"] == 8  # all of the suite's devices when --devices is not given
   assert _positive(report["matmul_peak_flops_per_s"])
   (tiny,) = report["sizes"]
   assert tiny["size"] == "tiny" and tiny["batch_size"] == 8
@@ -62,8 +95,9 @@ def test_benchmark_model_tiny(tmp_path):
 @pytest.mark.slow
 def test_benchmark_train_tiny(tmp_path):
   out = tmp_path / "train.json"
-  benchmark_train.main(["--out", str(out), "--size", "tiny", "--steps", "1"])
+  benchmark_train.main(["--out", str(out), "--size", "tiny", "--steps", "1", "--devices", "1"])  # of the suite's 8
   report = json.loads(out.read_text())
+  assert report["device_count"] == report["machine"]["device_count"] == 1
   assert set(report) >= {"date", "machine", "matmul_peak_flops_per_s", "sizes"}
   (tiny,) = report["sizes"]
   for key in ("compile_s", "step_s", "examples_per_s", "flops_per_step", "flops_per_s", "mfu",
@@ -141,3 +175,16 @@ def test_benchmark_decode_layers_tiny(tmp_path, capsys):
   # A request the decoder cannot hold is named, not run.
   assert benchmark_decode_layers.main(["--size", "tiny", "--new-tokens", "40", "--out", str(out)]) == 2
   assert "--new-tokens 40 does not fit" in capsys.readouterr().err
+
+
+def test_a_bad_option_is_a_short_message_from_the_command_line(tmp_path):
+  import subprocess
+  import sys
+
+  script = os.path.join(os.path.dirname(__file__), "..", "scripts", "benchmark_model.py")
+  result = subprocess.run([sys.executable, script, "--out", str(tmp_path / "x.json"), "--batch-sizes", "huge=4"],
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.strip() == ("benchmark_model.py: error: --batch-sizes entry 'huge=4': 'huge' is not a model "
+                                   "size; expected one of ['1b', '7b', 'small', 'tiny']")
+  assert not (tmp_path / "x.json").exists()

@@ -27,8 +27,8 @@ ALLOWED = {
     "demo": {"core", "models", "data", "convert", "proposals", "eval"},
     "run": {"core", "models", "data", "convert", "proposals", "eval", "train"},  # run.py: joins train and eval
 }
-CORE_MODULES = {"registry", "sharding", "perf", "cli", "errors", "pixel_stats", "tree_paths", "checkpointing",
-                "xla_defaults", "__init__"}
+CORE_MODULES = {"registry", "sharding", "perf", "benchmark_io", "cli", "errors", "pixel_stats", "tree_paths",
+                "checkpointing", "xla_defaults", "__init__"}
 
 
 def part_of(module: str) -> str:

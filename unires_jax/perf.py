@@ -1,13 +1,15 @@
-"""Measured performance figures: compiled FLOPs, a matmul peak on the same devices, MFU, host memory, and the CPU
-they were measured on."""
+"""Measured performance figures for `scripts/benchmark_*.py`: compiled FLOPs, timing, a matmul peak on the same
+devices, host memory, the machine a figure was measured on and the devices to measure on. Their options and report
+files: `benchmark_io.py`."""
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -71,3 +73,20 @@ def cpu_description(cpuinfo: str | None = None) -> str:
   flags = set(fields.get("flags", "").split())
   present = [feature for feature in CPU_FEATURES if feature in flags]
   return f"{name} ({', '.join(present) or 'none of ' + '/'.join(CPU_FEATURES)})"
+
+
+def machine(devices: Sequence[jax.Device] | None = None) -> dict:
+  """The devices a figure was measured on (all of JAX's by default), the host's CPU and JAX's version."""
+  devices = list(jax.devices() if devices is None else devices)
+  return dict(platform=devices[0].platform, device_kind=devices[0].device_kind, device_count=len(devices),
+              cpu_count=os.cpu_count(), processor=cpu_description(), jax_version=jax.__version__)
+
+
+def select_devices(count: int) -> list[jax.Device]:
+  """The first `count` of JAX's devices (`--devices`; 0 means all of them)."""
+  available = jax.devices()
+  if not 0 <= count <= len(available):
+    raise ValueError(f"--devices {count}: expected 0 (all) to {len(available)}, the number of "
+                     f"{available[0].platform} devices available")
+  return available[:count] if count else available
+
