@@ -25,20 +25,36 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 
+LONG_GROUPS = ("train_runs", "trained_run")  # minutes of tests on one worker each: they start first
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
   """Scheduling for `-n 2` (pyproject.toml sets `--dist loadgroup`): the tests that read the `trained_run` checkpoint
-  run on one worker (one trains it while the other would only wait on its lock), and the long groups and slow tests
-  start first, so that no long test is left for the end while the other worker is idle."""
+  run on one worker (one trains it while the other would only wait on its lock), and so do the tests of a module
+  that share a module-scoped fixture. The long groups and slow tests start first, so that no long test is left for
+  the end while the other worker is idle."""
   for item in items:
     if "trained_run" in getattr(item, "fixturenames", ()):
       item.add_marker(pytest.mark.xdist_group("trained_run"))
+    elif item.get_closest_marker("xdist_group") is None and _module_fixtures(item):
+      # A module-scoped fixture (a model, a checkpoint) is built once per worker that runs one of its tests: the
+      # tests that share it go to one worker (test_init_from.py's fixture took 17-18 s on each of the two).
+      item.add_marker(pytest.mark.xdist_group(f"{item.nodeid.split('::')[0]}:module_fixtures"))
 
   def start_order(item):
-    grouped = item.get_closest_marker("xdist_group") is not None
-    return 0 if grouped else 1 if item.get_closest_marker("slow") else 2
+    group = item.get_closest_marker("xdist_group")
+    return 0 if group and group.args[0] in LONG_GROUPS else 1 if item.get_closest_marker("slow") else 2
 
   items.sort(key=start_order)  # stable: the collection order holds within each class
+
+
+def _module_fixtures(item) -> list[str]:
+  """The module-scoped fixtures of `item`'s own module that it uses."""
+  info = getattr(item, "_fixtureinfo", None)
+  module = item.nodeid.split("::")[0]
+  return [name for name, definitions in (info.name2fixturedefs.items() if info else ())
+          if definitions and definitions[-1].scope == "module" and definitions[-1].baseid == module]
 
 
 def pytest_configure(config):

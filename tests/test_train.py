@@ -25,6 +25,9 @@ pytestmark = pytest.mark.xdist_group("train_runs")
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 TRAIN_SCRIPT = os.path.join(REPO, "scripts", "train.py")
 TOTAL_STEPS = 8  # checkpoints every 3 steps (configs/toy.py:quick) and at the end: steps 3, 6, 8
+# One process's runs use 2 CPU devices: a state sharded over a mesh, saved and restored, at less than the cost of the
+# suite's 8 (a warm-cache run of the test config took 20 s on 2 devices and 29 s on 8, 2026-12-06, 2 cores).
+RUN_DEVICES = 2
 
 # configs/toy.py:quick with the data in a shared directory (argument) instead of each workdir, and no
 # evaluation (it is not what these tests check, and it costs a compilation per run).
@@ -62,7 +65,7 @@ run's persistent compilation cache (conftest.py), which every test process share
     with open(self.config_path, "w") as f:
       f.write(TEST_CONFIG)
 
-  def env(self, device_count: int | None = 8) -> dict[str, str]:
+  def env(self, device_count: int | None = RUN_DEVICES) -> dict[str, str]:
     env = dict(os.environ)
     # conftest.py's XLA flags without its device count, which each run sets itself (or leaves to --cpu_devices).
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
@@ -80,8 +83,8 @@ run's persistent compilation cache (conftest.py), which every test process share
             f"--workdir={workdir}", f"--config.train.total_steps={TOTAL_STEPS}", *overrides]
 
   def run(self, workdir: str, *overrides: str, data_dir: str | None = None, check: bool = True,
-          timeout: float = 500) -> subprocess.CompletedProcess:
-    result = subprocess.run(self.command(workdir, *overrides, data_dir=data_dir), env=self.env(), cwd=REPO,
+          timeout: float = 500, device_count: int = RUN_DEVICES) -> subprocess.CompletedProcess:
+    result = subprocess.run(self.command(workdir, *overrides, data_dir=data_dir), env=self.env(device_count), cwd=REPO,
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode:
       raise AssertionError(f"train.py in {workdir} exited with {result.returncode}:\n{result.stderr[-4000:]}")
@@ -129,15 +132,15 @@ def assert_states_equal(expected: dict, actual: dict, rtol: float = 0.0) -> None
       assert np.array_equal(value, other), f"{name} differs: max |Δ| {np.max(np.abs(value - other))}"
 
 
-def reference_run(runner: TrainRunner) -> str:
-  """The uninterrupted run (one process, 8 devices): run once per test run, by the first process to ask, under a
-  file lock that the others wait on."""
-  workdir = os.path.join(runner.root, "reference")
+def reference_run(runner: TrainRunner, device_count: int = RUN_DEVICES) -> str:
+  """The uninterrupted run (one process, `device_count` devices): run once per test run, by the first process to
+  ask, under a file lock that the others wait on."""
+  workdir = os.path.join(runner.root, f"reference_{device_count}_devices")
   with open(os.path.join(runner.root, "reference.lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the run fails
     if not os.path.exists(os.path.join(workdir, "train_summary.json")):
       shutil.rmtree(workdir, ignore_errors=True)
-      runner.run(workdir)
+      runner.run(workdir, device_count=device_count)
   return workdir
 
 
@@ -236,8 +239,8 @@ def test_unknown_config_key_names_it(runner, tmp_path):
 @pytest.mark.slow
 def test_batch_size_not_dividing_mesh_names_it(runner, tmp_path):
   workdir = str(tmp_path / "bad_batch")
-  result = runner.run(workdir, "--config.data.batch_size=6", check=False, timeout=300)
-  _assert_stops_before_work(result, workdir, "data.batch_size", "6")
+  result = runner.run(workdir, "--config.data.batch_size=3", check=False, timeout=300)  # the mesh has 2 devices
+  _assert_stops_before_work(result, workdir, "data.batch_size", "3")
 
 
 @pytest.mark.slow
