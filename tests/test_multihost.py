@@ -29,11 +29,10 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path, run_shared_dir):
   runner = shared_runner(run_shared_dir)
-  # The shared 2-device reference of the other training tests. Measured 2026-12-06 after 8 steps, every run with one
-  # or two devices per process (one process with 2; 1 + 1; 2 + 2) agrees with every other to 3e-6 of a tensor's
-  # norm, and so do those with four or more (one process with 4 or 8; 4 + 4), but the two families differ by up to
-  # 1.7e-3 in the mask decoder (README, multi-process section): the reference has as many local devices as each
-  # process here.
+  # The shared 2-device reference of the other training tests, with as many devices as each process here: XLA:CPU's
+  # multi-threaded Eigen kernels split work differently with four or more devices in a process, and after 8 steps
+  # such runs differ from those with one or two by up to 1.7e-3 of a tensor's norm in the mask decoder (with
+  # --xla_cpu_multi_thread_eigen=false, 2 and 4 devices agree to 2.4e-6; README, multi-process section).
   reference = reference_run(runner)  # also generates the shared data before the two processes start
 
   workdir = str(tmp_path / "two_processes")
