@@ -60,7 +60,7 @@ def peak_device_memory_bytes() -> int | None:
 
 
 def measure_training(size: str, batch_size: int, steps: int, peak_flops_per_s: float, dtype: str,
-                     recipe: bool = False, devices=None) -> dict:
+                     recipe: bool = False, devices: list[jax.Device] | None = None) -> dict:
   """Compiles the AdamW step for one size, runs `steps` timed steps after one warm-up and reports medians."""
   if recipe:
     config = unires_7b.get_config(size)

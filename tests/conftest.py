@@ -37,7 +37,7 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "trained_run" in getattr(item, "fixturenames", ()):
       item.add_marker(pytest.mark.xdist_group("trained_run"))
-    elif item.get_closest_marker("xdist_group") is None and _module_fixtures(item):
+    elif item.get_closest_marker("xdist_group") is None and _uses_a_fixture_of_its_module(item):
       # A module-scoped fixture (a model, a checkpoint) is built once per worker that runs one of its tests: the
       # tests that share it go to one worker (test_init_from.py's fixture took 17-18 s on each of the two).
       item.add_marker(pytest.mark.xdist_group(f"{item.nodeid.split('::')[0]}:module_fixtures"))
@@ -49,12 +49,12 @@ def pytest_collection_modifyitems(config, items):
   items.sort(key=start_order)  # stable: the collection order holds within each class
 
 
-def _module_fixtures(item) -> list[str]:
-  """The module-scoped fixtures of `item`'s own module that it uses."""
+def _uses_a_fixture_of_its_module(item) -> bool:
+  """Whether `item` uses a module-scoped fixture defined in its own module."""
   info = getattr(item, "_fixtureinfo", None)
   module = item.nodeid.split("::")[0]
-  return [name for name, definitions in (info.name2fixturedefs.items() if info else ())
-          if definitions and definitions[-1].scope == "module" and definitions[-1].baseid == module]
+  return any(definitions and definitions[-1].scope == "module" and definitions[-1].baseid == module
+             for definitions in (info.name2fixturedefs.values() if info else ()))
 
 
 def pytest_configure(config):

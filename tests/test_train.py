@@ -83,8 +83,8 @@ run's persistent compilation cache (conftest.py), which every test process share
             f"--workdir={workdir}", f"--config.train.total_steps={TOTAL_STEPS}", *overrides]
 
   def run(self, workdir: str, *overrides: str, data_dir: str | None = None, check: bool = True,
-          timeout: float = 500, device_count: int = RUN_DEVICES) -> subprocess.CompletedProcess:
-    result = subprocess.run(self.command(workdir, *overrides, data_dir=data_dir), env=self.env(device_count), cwd=REPO,
+          timeout: float = 500) -> subprocess.CompletedProcess:
+    result = subprocess.run(self.command(workdir, *overrides, data_dir=data_dir), env=self.env(), cwd=REPO,
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode:
       raise AssertionError(f"train.py in {workdir} exited with {result.returncode}:\n{result.stderr[-4000:]}")
@@ -132,15 +132,15 @@ def assert_states_equal(expected: dict, actual: dict, rtol: float = 0.0) -> None
       assert np.array_equal(value, other), f"{name} differs: max |Δ| {np.max(np.abs(value - other))}"
 
 
-def reference_run(runner: TrainRunner, device_count: int = RUN_DEVICES) -> str:
-  """The uninterrupted run (one process, `device_count` devices): run once per test run, by the first process to
-  ask, under a file lock that the others wait on."""
-  workdir = os.path.join(runner.root, f"reference_{device_count}_devices")
+def reference_run(runner: TrainRunner) -> str:
+  """The uninterrupted run (one process, `RUN_DEVICES` devices): run once per test run, by the first process to ask,
+  under a file lock that the others wait on."""
+  workdir = os.path.join(runner.root, "reference")
   with open(os.path.join(runner.root, "reference.lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the run fails
     if not os.path.exists(os.path.join(workdir, "train_summary.json")):
       shutil.rmtree(workdir, ignore_errors=True)
-      runner.run(workdir, device_count=device_count)
+      runner.run(workdir)
   return workdir
 
 
